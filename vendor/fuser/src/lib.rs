@@ -410,6 +410,15 @@ pub trait Filesystem: Send + Sync + 'static {
     fn destroy(&mut self) {}
 
     /// Look up a directory entry by name and get its attributes.
+    /// Patched: the kernel asks to interrupt the request `unique` (FUSE_INTERRUPT).
+    /// Return `true` when the filesystem handles interrupts: it should then
+    /// answer the original request (usually with `EINTR`) if it is still
+    /// pending, and ignore the interrupt otherwise. The default, `false`,
+    /// answers `ENOSYS`, after which the kernel sends no more interrupts.
+    fn interrupt(&self, _req: &Request, _unique: RequestId) -> bool {
+        false
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         warn!("[Not Implemented] lookup(parent: {parent:#x?}, name {name:?})");
         reply.error(Errno::ENOSYS);

@@ -114,9 +114,13 @@ impl<'a> RequestWithSender<'a> {
                 return Err(Errno::EIO);
             }
 
-            ll::Operation::Interrupt(_) => {
-                // TODO: handle FUSE_INTERRUPT
-                return Err(Errno::ENOSYS);
+            ll::Operation::Interrupt(x) => {
+                // Patched: hand the interrupt to the filesystem. The kernel
+                // expects no reply to an interrupt except ENOSYS (never
+                // interrupt again) or EAGAIN (requeue it).
+                if !filesystem.interrupt(self.request_header(), x.unique()) {
+                    return Err(Errno::ENOSYS);
+                }
             }
 
             ll::Operation::Lookup(x) => {
