@@ -409,7 +409,6 @@ pub trait Filesystem: Send + Sync + 'static {
     /// Called on filesystem exit.
     fn destroy(&mut self) {}
 
-    /// Look up a directory entry by name and get its attributes.
     /// Patched: the kernel asks to interrupt the request `unique` (FUSE_INTERRUPT).
     /// Return `true` when the filesystem handles interrupts: it should then
     /// answer the original request (usually with `EINTR`) if it is still
@@ -419,6 +418,7 @@ pub trait Filesystem: Send + Sync + 'static {
         false
     }
 
+    /// Look up a directory entry by name and get its attributes.
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         warn!("[Not Implemented] lookup(parent: {parent:#x?}, name {name:?})");
         reply.error(Errno::ENOSYS);

@@ -1,0 +1,1 @@
+//! Control filesystem library.
