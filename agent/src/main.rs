@@ -1,1 +1,318 @@
-fn main() {}
+//! `nnf-dm`: the NNF data-movement agent.
+
+mod agent;
+mod environ;
+mod local;
+mod op;
+mod profiles;
+mod request;
+mod store;
+mod sys;
+mod timefmt;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::agent::{Agent, AgentConfig};
+use crate::local::{LocalBackend, LocalConfig};
+use crate::profiles::Profiles;
+use crate::store::Store;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "nnf-dm",
+    version,
+    about = "NNF data-movement agent: the /run/nnf-dm control filesystem"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Print the version and exit.
+    Version,
+    /// Copy SOURCE to TARGET as the calling user (run by the agent, not by hand).
+    #[command(hide = true)]
+    CopyWorker {
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
+        source: PathBuf,
+        target: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BackendKind {
+    Local,
+    Kubernetes,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Where to mount the control filesystem.
+    #[arg(long, default_value = "/run/nnf-dm")]
+    mountpoint: PathBuf,
+    /// Which backend executes copies [default: local unless a Kubernetes setting is given].
+    #[arg(long, value_enum)]
+    backend: Option<BackendKind>,
+    /// Where the local backend keeps one record per operation.
+    #[arg(long, default_value = "/var/lib/nnf-dm")]
+    state_dir: PathBuf,
+    /// How long completed operations are kept (local backend): 90s, 15m, 24h, 7d.
+    #[arg(long, default_value = "24h", value_parser = timefmt::parse_duration)]
+    retention: Duration,
+    /// JSON array of data-movement profiles added to the built-in `default`.
+    #[arg(long)]
+    profiles: Option<PathBuf>,
+    /// Operations one user may have at once, whatever their state.
+    #[arg(long, default_value_t = 1024)]
+    max_ops_per_user: usize,
+    /// Copies running at once; more wait as `pending`.
+    #[arg(long, default_value_t = 4)]
+    max_active: usize,
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+
+    #[command(flatten)]
+    kube: KubeArgs,
+}
+
+/// Settings of the Kubernetes backend (upstream's flags).
+#[derive(Args, Debug)]
+struct KubeArgs {
+    #[arg(long, env = "KUBERNETES_SERVICE_HOST")]
+    kubernetes_service_host: Option<String>,
+    #[arg(long, env = "KUBERNETES_SERVICE_PORT")]
+    kubernetes_service_port: Option<String>,
+    #[arg(long, env = "NNF_DATA_MOVEMENT_SERVICE_TOKEN_FILE")]
+    service_token_file: Option<PathBuf>,
+    #[arg(long, env = "NNF_DATA_MOVEMENT_SERVICE_CERT_FILE")]
+    service_cert_file: Option<PathBuf>,
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    #[arg(long, env = "NNF_NODE_NAME")]
+    nnf_node_name: Option<String>,
+    /// SystemConfiguration name.
+    #[arg(long)]
+    sys_config: Option<String>,
+    #[arg(long)]
+    kubernetes_qps: Option<f64>,
+    #[arg(long)]
+    kubernetes_burst: Option<u32>,
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+}
+
+impl KubeArgs {
+    /// The Kubernetes settings that were given, by flag name.
+    fn given(&self) -> Vec<&'static str> {
+        let mut given = Vec::new();
+        let mut note = |set: bool, flag: &'static str| {
+            if set {
+                given.push(flag);
+            }
+        };
+        note(
+            self.kubernetes_service_host.is_some(),
+            "--kubernetes-service-host",
+        );
+        note(
+            self.kubernetes_service_port.is_some(),
+            "--kubernetes-service-port",
+        );
+        note(self.service_token_file.is_some(), "--service-token-file");
+        note(self.service_cert_file.is_some(), "--service-cert-file");
+        note(self.nnf_node_name.is_some(), "--nnf-node-name");
+        note(self.sys_config.is_some(), "--sys-config");
+        note(self.kubernetes_qps.is_some(), "--kubernetes-qps");
+        note(self.kubernetes_burst.is_some(), "--kubernetes-burst");
+        note(self.kubeconfig.is_some(), "--kubeconfig");
+        given
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Cmd::Version) => {
+            println!("nnf-dm {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Some(Cmd::CopyWorker {
+            workers,
+            source,
+            target,
+        }) => {
+            let code =
+                copy_engine::run_worker(&source, &target, workers, Duration::from_millis(250));
+            ExitCode::from(code.clamp(0, 255) as u8)
+        }
+        None => {
+            init_logging(cli.run.log_format);
+            match run(cli.run) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(message) => {
+                    tracing::error!("{message}");
+                    eprintln!("nnf-dm: {message}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("NNF_DM_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(false).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(args: RunArgs) -> Result<(), String> {
+    let kube_given = args.kube.given();
+    let backend = args.backend.unwrap_or(if kube_given.is_empty() {
+        BackendKind::Local
+    } else {
+        BackendKind::Kubernetes
+    });
+    if backend == BackendKind::Kubernetes {
+        return Err(
+            "the kubernetes backend is not available in this build yet; run with --backend local"
+                .into(),
+        );
+    }
+    if let Some(flag) = kube_given.first() {
+        return Err(format!("{flag} is not supported by the local backend"));
+    }
+    let profiles = match &args.profiles {
+        Some(path) => Profiles::load(path)?,
+        None => Profiles::builtin(),
+    };
+    let store = Store::open(&args.state_dir).map_err(|e| {
+        format!(
+            "cannot use the state directory {}: {e}",
+            args.state_dir.display()
+        )
+    })?;
+
+    // Signals are taken synchronously below; block them before any thread
+    // starts so that every thread inherits the mask.
+    let signals = sys_signals::block(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP]);
+
+    let agent = Agent::new(AgentConfig {
+        max_ops_per_user: args.max_ops_per_user,
+        retention: args.retention,
+    });
+    let backend = LocalBackend::new(
+        LocalConfig {
+            max_active: args.max_active,
+            profiles,
+            store,
+        },
+        agent.notify(),
+    );
+    agent.install(backend.clone() as Arc<dyn agent::Backend>);
+    let restored = backend.recover(&agent).map_err(|e| {
+        format!(
+            "cannot read the state directory {}: {e}",
+            args.state_dir.display()
+        )
+    })?;
+
+    std::fs::create_dir_all(&args.mountpoint)
+        .or_else(|e| {
+            // A stale FUSE mount fails every access with ENOTCONN.
+            if e.raw_os_error() == Some(libc::ENOTCONN) {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })
+        .map_err(|e| {
+            format!(
+                "cannot create the mount point {}: {e}",
+                args.mountpoint.display()
+            )
+        })?;
+    if fuse_ctl::clean_stale_mount(&args.mountpoint).map_err(|e| {
+        format!(
+            "cannot clean the stale mount at {}: {e}",
+            args.mountpoint.display()
+        )
+    })? {
+        tracing::warn!(mountpoint = %args.mountpoint.display(), "cleaned a stale mount left by a previous agent");
+    }
+    let mounted = agent.fs().mount(&args.mountpoint, "nnf-dm").map_err(|e| {
+        format!(
+            "cannot mount the control filesystem at {}: {e}",
+            args.mountpoint.display()
+        )
+    })?;
+    tracing::info!(mountpoint = %args.mountpoint.display(), backend = "local", restored, "nnf-dm serving");
+
+    let retention = args.retention;
+    let expiring = Arc::downgrade(&agent);
+    std::thread::Builder::new()
+        .name("retention".into())
+        .spawn(move || {
+            let period = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+            loop {
+                std::thread::sleep(period);
+                match expiring.upgrade() {
+                    Some(agent) => agent.expire(),
+                    None => return,
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the retention thread: {e}"))?;
+
+    let signal = sys_signals::wait(&signals);
+    tracing::info!(signal, "unmounting and exiting");
+    mounted
+        .unmount()
+        .map_err(|e| format!("cannot unmount {}: {e}", args.mountpoint.display()))?;
+    Ok(())
+}
+
+mod sys_signals {
+    /// Blocks `signals` in the calling thread (and every thread it starts).
+    pub fn block(signals: &[libc::c_int]) -> libc::sigset_t {
+        // SAFETY: sigset manipulation on a local, zero-initialised set.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for s in signals {
+                libc::sigaddset(&mut set, *s);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            set
+        }
+    }
+
+    /// Waits for one of the blocked signals.
+    pub fn wait(set: &libc::sigset_t) -> libc::c_int {
+        let mut signal = 0;
+        // SAFETY: `set` was initialised by `block`.
+        unsafe { libc::sigwait(set, &mut signal) };
+        signal
+    }
+}

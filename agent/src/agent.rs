@@ -1,0 +1,547 @@
+//! The agent core: the operation registry, the rules every backend shares
+//! (names, limits, ownership, the `errors` file, retention) and the tree of
+//! control files over them.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, SystemTime};
+
+use fuse_ctl::{Caller, Content, ControlFs, Errno, FileKind, FileOps, NodeId, Owner, WriteDone};
+
+use crate::op::{Operation, State};
+use crate::request::Request;
+use crate::timefmt::rfc3339;
+
+/// How many rejections the `errors` file keeps per user.
+const ERRORS_KEPT: usize = 32;
+
+/// A refused request: the errno of `write(2)` and the words for `errors`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub errno: Errno,
+    pub reason: String,
+}
+
+impl Rejection {
+    pub fn new(errno: Errno, reason: impl Into<String>) -> Self {
+        Rejection {
+            errno,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Who wrote a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Requester {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+/// Wakes readers of an operation's files after its status changed.
+#[derive(Clone)]
+pub struct Notify {
+    fs: ControlFs,
+}
+
+impl Notify {
+    pub fn changed(&self, op: &Operation) {
+        if let Some(node) = op.node.get() {
+            self.fs.changed(*node);
+        }
+    }
+}
+
+/// What executes operations. The core owns names, limits and visibility;
+/// a backend validates what only it can, runs copies and keeps records.
+pub trait Backend: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    /// Checks the request as `who` and builds the operation (no side effects).
+    fn prepare(
+        &self,
+        who: &Requester,
+        name: String,
+        request: Request,
+    ) -> Result<Operation, Rejection>;
+    /// The operation is registered and visible: record it and run it.
+    fn accept(&self, op: Arc<Operation>) -> Result<(), Rejection>;
+    /// Ask for cancellation; a no-op once completed.
+    fn cancel(&self, op: &Arc<Operation>);
+    /// Forget a completed operation's record.
+    fn remove(&self, op: &Operation) -> Result<(), Rejection>;
+}
+
+pub struct AgentConfig {
+    pub max_ops_per_user: usize,
+    pub retention: Duration,
+}
+
+struct Registry {
+    ops: HashMap<String, Arc<Operation>>,
+    per_user: HashMap<u32, usize>,
+}
+
+pub struct Agent {
+    fs: ControlFs,
+    registry: RwLock<Registry>,
+    errors: Mutex<HashMap<u32, VecDeque<String>>>,
+    backend: OnceLock<Arc<dyn Backend>>,
+    config: AgentConfig,
+}
+
+impl Agent {
+    pub fn new(config: AgentConfig) -> Arc<Agent> {
+        // Like /tmp: everyone may write the request file, and the sticky bit
+        // lets owners (only) rmdir their operations.
+        let fs = ControlFs::new(Owner::root(0o1777));
+        Arc::new(Agent {
+            fs,
+            registry: RwLock::new(Registry {
+                ops: HashMap::new(),
+                per_user: HashMap::new(),
+            }),
+            errors: Mutex::new(HashMap::new()),
+            backend: OnceLock::new(),
+            config,
+        })
+    }
+
+    pub fn notify(&self) -> Notify {
+        Notify {
+            fs: self.fs.clone(),
+        }
+    }
+
+    pub fn fs(&self) -> &ControlFs {
+        &self.fs
+    }
+
+    fn backend(&self) -> &Arc<dyn Backend> {
+        self.backend.get().expect("backend installed at start")
+    }
+
+    /// Installs the backend and the fixed files of the root.
+    pub fn install(self: &Arc<Self>, backend: Arc<dyn Backend>) {
+        let _ = self.backend.set(backend);
+        let root = NodeId::ROOT;
+        let fixed: [(&str, u16, FileKind, Arc<dyn FileOps>); 4] = [
+            (
+                "README",
+                0o444,
+                FileKind::Snapshot,
+                Arc::new(StaticFile(README.as_bytes().to_vec())),
+            ),
+            (
+                "version",
+                0o444,
+                FileKind::Snapshot,
+                Arc::new(StaticFile(
+                    format!(
+                        "version={}\napi_versions=1\nbackend={}\n",
+                        env!("CARGO_PKG_VERSION"),
+                        self.backend().name()
+                    )
+                    .into_bytes(),
+                )),
+            ),
+            (
+                "request",
+                0o666,
+                FileKind::Command,
+                Arc::new(RequestFile(Arc::downgrade(self))),
+            ),
+            (
+                "errors",
+                0o444,
+                FileKind::Snapshot,
+                Arc::new(ErrorsFile(Arc::downgrade(self))),
+            ),
+        ];
+        for (name, perm, kind, ops) in fixed {
+            self.fs
+                .add_file(root, name, Owner::root(perm), kind, ops)
+                .expect("fixed names are unique");
+        }
+        let weak = Arc::downgrade(self);
+        self.fs
+            .set_rmdir_hook(Box::new(move |caller, _node, name| match weak.upgrade() {
+                Some(agent) => agent.rmdir(caller, name),
+                None => Err(Errno::ENOENT),
+            }));
+    }
+
+    /// Handles one write to `request`: the new operation's name, or why not.
+    pub fn create(&self, who: &Requester, bytes: &[u8]) -> Result<String, Rejection> {
+        let mut request = Request::parse(bytes).map_err(|e| Rejection::new(Errno::EINVAL, e.0))?;
+        if request.workflow.is_none() && request.namespace.is_none() {
+            let env = crate::environ::workflow_of(who.pid);
+            request.workflow = env.0;
+            request.namespace = env.1;
+        }
+        let name = match &request.name {
+            Some(name) => name.clone(),
+            None => self.generate_name(),
+        };
+        {
+            let registry = self.registry.read().unwrap();
+            if registry.ops.contains_key(&name) {
+                return Err(Rejection::new(
+                    Errno::EEXIST,
+                    format!("name '{name}' is in use"),
+                ));
+            }
+            self.check_limit(&registry, who.uid)?;
+        }
+        let op = Arc::new(self.backend().prepare(who, name.clone(), request)?);
+        self.register(op.clone())?;
+        if let Err(rejection) = self.backend().accept(op.clone()) {
+            self.unregister(&op);
+            return Err(rejection);
+        }
+        tracing::info!(op = %name, user = who.uid, source = %op.request.source, destination = %op.request.destination, "operation created");
+        Ok(name)
+    }
+
+    fn check_limit(&self, registry: &Registry, uid: u32) -> Result<(), Rejection> {
+        let count = registry.per_user.get(&uid).copied().unwrap_or(0);
+        if count >= self.config.max_ops_per_user {
+            return Err(Rejection::new(
+                Errno::ENOSPC,
+                format!(
+                    "uid {uid} has {count} operations, the limit is {}: rmdir finished ones",
+                    self.config.max_ops_per_user
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Makes an operation visible: registry entry and its directory.
+    pub fn register(&self, op: Arc<Operation>) -> Result<(), Rejection> {
+        let mut registry = self.registry.write().unwrap();
+        if registry.ops.contains_key(&op.name) {
+            return Err(Rejection::new(
+                Errno::EEXIST,
+                format!("name '{}' is in use", op.name),
+            ));
+        }
+        self.check_limit(&registry, op.uid)?;
+        let node = self.add_op_dir(&op).map_err(|e| {
+            Rejection::new(
+                Errno::EIO,
+                format!("cannot create the directory of '{}': {e:?}", op.name),
+            )
+        })?;
+        let _ = op.node.set(node);
+        registry.ops.insert(op.name.clone(), op.clone());
+        *registry.per_user.entry(op.uid).or_default() += 1;
+        Ok(())
+    }
+
+    fn unregister(&self, op: &Operation) {
+        let mut registry = self.registry.write().unwrap();
+        if registry.ops.remove(&op.name).is_some() {
+            if let Some(count) = registry.per_user.get_mut(&op.uid) {
+                *count = count.saturating_sub(1);
+            }
+        }
+        drop(registry);
+        if let Some(node) = op.node.get() {
+            self.fs.remove(*node);
+        }
+    }
+
+    fn add_op_dir(&self, op: &Arc<Operation>) -> Result<NodeId, Errno> {
+        let owner = |perm| Owner {
+            uid: op.uid,
+            gid: op.gid,
+            perm,
+            private: true,
+        };
+        let dir = self.fs.add_dir(NodeId::ROOT, &op.name, owner(0o500))?;
+        let files: [(&str, u16, FileKind, OpFileKind); 8] = [
+            ("request", 0o400, FileKind::Snapshot, OpFileKind::Request),
+            ("status", 0o400, FileKind::Snapshot, OpFileKind::Status),
+            (
+                "status.json",
+                0o400,
+                FileKind::Snapshot,
+                OpFileKind::StatusJson,
+            ),
+            ("state", 0o400, FileKind::Snapshot, OpFileKind::State),
+            ("progress", 0o400, FileKind::Snapshot, OpFileKind::Progress),
+            ("message", 0o400, FileKind::Snapshot, OpFileKind::Message),
+            ("wait", 0o400, FileKind::Blocking, OpFileKind::Wait),
+            ("cancel", 0o200, FileKind::Command, OpFileKind::Cancel),
+        ];
+        for (name, perm, kind, which) in files {
+            let ops = Arc::new(OpFile {
+                op: op.clone(),
+                which,
+                backend: self.backend().clone(),
+            });
+            self.fs.add_file(dir, name, owner(perm), kind, ops)?;
+        }
+        Ok(dir)
+    }
+
+    fn generate_name(&self) -> String {
+        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+        loop {
+            let mut bytes = [0u8; 8];
+            crate::sys::random_bytes(&mut bytes);
+            let suffix: String = bytes
+                .iter()
+                .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+                .collect();
+            let name = format!("dm-{suffix}");
+            if !self.registry.read().unwrap().ops.contains_key(&name) {
+                return name;
+            }
+        }
+    }
+
+    /// Records a rejection for the `errors` file and the log.
+    pub fn reject(&self, who: &Requester, rejection: &Rejection) {
+        let line = format!(
+            "{} {} {}",
+            rfc3339(SystemTime::now()),
+            errno_name(rejection.errno),
+            rejection.reason
+        );
+        tracing::warn!(
+            user = who.uid,
+            errno = errno_name(rejection.errno),
+            "request rejected: {}",
+            rejection.reason
+        );
+        let mut errors = self.errors.lock().unwrap();
+        let list = errors.entry(who.uid).or_default();
+        if list.len() == ERRORS_KEPT {
+            list.pop_front();
+        }
+        list.push_back(line);
+    }
+
+    fn rmdir(&self, caller: &Caller, name: &str) -> Result<(), Errno> {
+        let op = self
+            .registry
+            .read()
+            .unwrap()
+            .ops
+            .get(name)
+            .cloned()
+            .ok_or(Errno::ENOENT)?;
+        if !caller.is_root() && caller.uid != op.uid {
+            return Err(Errno::EACCES);
+        }
+        if !op.is_completed() {
+            return Err(Errno::EBUSY);
+        }
+        if let Err(rejection) = self.backend().remove(&op) {
+            tracing::warn!(op = %name, user = caller.uid, "cannot remove: {}", rejection.reason);
+            return Err(rejection.errno);
+        }
+        let mut registry = self.registry.write().unwrap();
+        registry.ops.remove(name);
+        if let Some(count) = registry.per_user.get_mut(&op.uid) {
+            *count = count.saturating_sub(1);
+        }
+        tracing::info!(op = %name, user = caller.uid, "operation removed");
+        Ok(())
+    }
+
+    /// Removes completed operations older than the retention period.
+    pub fn expire(&self) {
+        let now = SystemTime::now();
+        let expired: Vec<Arc<Operation>> = self
+            .registry
+            .read()
+            .unwrap()
+            .ops
+            .values()
+            .filter(|op| {
+                let status = op.status();
+                status.is_completed()
+                    && status
+                        .end_time
+                        .and_then(|end| now.duration_since(end).ok())
+                        .is_some_and(|age| age >= self.config.retention)
+            })
+            .cloned()
+            .collect();
+        for op in expired {
+            if self.backend().remove(&op).is_ok() {
+                self.unregister(&op);
+                tracing::info!(op = %op.name, user = op.uid, "operation expired after the retention period");
+            }
+        }
+    }
+}
+
+/// The errno's symbolic name, as the `errors` file shows it.
+pub fn errno_name(errno: Errno) -> &'static str {
+    match errno.code() {
+        libc::EINVAL => "EINVAL",
+        libc::EEXIST => "EEXIST",
+        libc::ENOENT => "ENOENT",
+        libc::EPERM => "EPERM",
+        libc::ENOSPC => "ENOSPC",
+        libc::EAGAIN => "EAGAIN",
+        libc::EACCES => "EACCES",
+        libc::EBUSY => "EBUSY",
+        _ => "EIO",
+    }
+}
+
+struct StaticFile(Vec<u8>);
+
+impl FileOps for StaticFile {
+    fn read(&self, _caller: &Caller) -> Result<Content, Errno> {
+        Ok(Content::Ready(self.0.clone()))
+    }
+}
+
+struct RequestFile(std::sync::Weak<Agent>);
+
+impl FileOps for RequestFile {
+    fn write(&self, caller: &Caller, data: &[u8], done: WriteDone) {
+        let Some(agent) = self.0.upgrade() else {
+            return done.finish(
+                Err(Errno::EIO),
+                b"error: the agent is shutting down\n".to_vec(),
+            );
+        };
+        let who = Requester {
+            uid: caller.uid,
+            gid: caller.gid,
+            pid: caller.pid,
+        };
+        match agent.create(&who, data) {
+            Ok(name) => done.finish(Ok(()), format!("{name}\n").into_bytes()),
+            Err(rejection) => {
+                agent.reject(&who, &rejection);
+                let reply = format!("error: {}\n", rejection.reason.replace('\n', " "));
+                done.finish(Err(rejection.errno), reply.into_bytes());
+            }
+        }
+    }
+}
+
+struct ErrorsFile(std::sync::Weak<Agent>);
+
+impl FileOps for ErrorsFile {
+    fn read(&self, caller: &Caller) -> Result<Content, Errno> {
+        let agent = self.0.upgrade().ok_or(Errno::EIO)?;
+        let errors = agent.errors.lock().unwrap();
+        let mut text = String::new();
+        for line in errors.get(&caller.uid).into_iter().flatten() {
+            text.push_str(line);
+            text.push('\n');
+        }
+        Ok(Content::Ready(text.into_bytes()))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum OpFileKind {
+    Request,
+    Status,
+    StatusJson,
+    State,
+    Progress,
+    Message,
+    Wait,
+    Cancel,
+}
+
+struct OpFile {
+    op: Arc<Operation>,
+    which: OpFileKind,
+    backend: Arc<dyn Backend>,
+}
+
+impl OpFile {
+    fn allowed(&self, caller: &Caller) -> Result<(), Errno> {
+        if caller.is_root() || caller.uid == self.op.uid {
+            Ok(())
+        } else {
+            Err(Errno::EACCES)
+        }
+    }
+}
+
+impl FileOps for OpFile {
+    fn read(&self, caller: &Caller) -> Result<Content, Errno> {
+        self.allowed(caller)?;
+        let op = &self.op;
+        let text = match self.which {
+            OpFileKind::Request => op.request.render(),
+            OpFileKind::Status => op.status().render(&op.name),
+            OpFileKind::StatusJson => op.status().render_json(&op.name),
+            OpFileKind::State => format!("{}\n", op.status().state.word()),
+            OpFileKind::Progress => format!("{}\n", op.status().progress),
+            OpFileKind::Message => {
+                let mut message = op.status().message;
+                if !message.is_empty() && !message.ends_with('\n') {
+                    message.push('\n');
+                }
+                message
+            }
+            OpFileKind::Wait => {
+                let status = op.status();
+                if status.state != State::Completed {
+                    return Ok(Content::NotReady);
+                }
+                status.render(&op.name)
+            }
+            OpFileKind::Cancel => String::new(),
+        };
+        Ok(Content::Ready(text.into_bytes()))
+    }
+
+    fn write(&self, caller: &Caller, _data: &[u8], done: WriteDone) {
+        if let Err(e) = self.allowed(caller) {
+            return done.finish(Err(e), Vec::new());
+        }
+        if matches!(self.which, OpFileKind::Cancel) {
+            tracing::info!(op = %self.op.name, user = caller.uid, "cancel requested");
+            self.backend.cancel(&self.op);
+            done.finish(Ok(()), Vec::new());
+        } else {
+            done.finish(Err(Errno::EACCES), Vec::new());
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        self.op.generation()
+    }
+}
+
+const README: &str = "\
+nnf-dm control filesystem
+
+Create a copy (one write = one whole request, at most 64 KiB):
+  echo \"name=out1 source=/path/src destination=/path/dest\" > request
+Keys: source, destination (absolute paths, required), name, workflow,
+namespace, profile, dryrun, slots, max_slots, dcp_options, mpirun_options,
+log_stdout, store_stdout. Quote values with spaces: dcp_options=\"-a b\".
+workflow/namespace default to DW_WORKFLOW_NAME/DW_WORKFLOW_NAMESPACE of the
+writing process's environment as it was started; pass workflow= otherwise.
+A generated name can be read back on the same descriptor:
+  exec 3<>request; echo \"source=/a destination=/b\" >&3; read -r name <&3
+
+Rejected requests fail the write; `cat errors` says why.
+
+Each operation is a directory <name>/ with:
+  status       key=value lines (name state status progress message ...)
+  status.json  the same as JSON
+  state        pending|starting|running|completed|cancelling
+  progress     0..100
+  message      text
+  request      the accepted request, normalised
+  wait         blocks until completed, then prints status (Ctrl-C ends it)
+  cancel       echo 1 > cancel
+Remove a completed operation with rmdir <name>.
+";
