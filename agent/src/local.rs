@@ -597,13 +597,12 @@ fn counters(c: &Counts) -> Counters {
 }
 
 fn percent(c: &Counts, (total_bytes, total_items): (u64, u64)) -> u8 {
-    let p = if total_bytes > 0 {
-        c.bytes.saturating_mul(100) / total_bytes
-    } else if total_items > 0 {
-        c.items.saturating_mul(100) / total_items
-    } else {
-        0
-    };
+    let p = c
+        .bytes
+        .saturating_mul(100)
+        .checked_div(total_bytes)
+        .or_else(|| c.items.saturating_mul(100).checked_div(total_items))
+        .unwrap_or(0);
     p.min(99) as u8
 }
 

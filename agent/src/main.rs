@@ -37,8 +37,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Print the version and exit.
-    Version,
+    #[command(flatten)]
+    Service(daemon_svc::ServiceCommand),
     /// Copy SOURCE to TARGET as the calling user (run by the agent, not by hand).
     #[command(hide = true)]
     CopyWorker {
@@ -148,10 +148,7 @@ impl KubeArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Cmd::Version) => {
-            println!("nnf-dm {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
-        }
+        Some(Cmd::Service(cmd)) => daemon_svc::execute::<Cli>(&daemon_svc::NNF_DM, cmd),
         Some(Cmd::CopyWorker {
             workers,
             source,
@@ -231,28 +228,6 @@ fn run(args: RunArgs) -> Result<(), String> {
         agent.notify(),
     );
     agent.install(backend.clone() as Arc<dyn agent::Backend>);
-    let restored = backend.recover(&agent).map_err(|e| {
-        format!(
-            "cannot read the state directory {}: {e}",
-            args.state_dir.display()
-        )
-    })?;
-
-    std::fs::create_dir_all(&args.mountpoint)
-        .or_else(|e| {
-            // A stale FUSE mount fails every access with ENOTCONN.
-            if e.raw_os_error() == Some(libc::ENOTCONN) {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        })
-        .map_err(|e| {
-            format!(
-                "cannot create the mount point {}: {e}",
-                args.mountpoint.display()
-            )
-        })?;
     if fuse_ctl::clean_stale_mount(&args.mountpoint).map_err(|e| {
         format!(
             "cannot clean the stale mount at {}: {e}",
@@ -261,6 +236,19 @@ fn run(args: RunArgs) -> Result<(), String> {
     })? {
         tracing::warn!(mountpoint = %args.mountpoint.display(), "cleaned a stale mount left by a previous agent");
     }
+    std::fs::create_dir_all(&args.mountpoint).map_err(|e| {
+        format!(
+            "cannot create the mount point {}: {e}",
+            args.mountpoint.display()
+        )
+    })?;
+    let restored = backend.recover(&agent).map_err(|e| {
+        format!(
+            "cannot read the state directory {}: {e}",
+            args.state_dir.display()
+        )
+    })?;
+
     let mounted = agent.fs().mount(&args.mountpoint, "nnf-dm").map_err(|e| {
         format!(
             "cannot mount the control filesystem at {}: {e}",

@@ -51,7 +51,7 @@ fn tokenize(text: &str) -> Result<Vec<(String, String)>, ParseError> {
             } else if c.is_whitespace() {
                 chars.next();
             } else if c == '#' && at_line_start {
-                while let Some(c) = chars.next() {
+                for c in chars.by_ref() {
                     if c == '\n' {
                         break;
                     }
@@ -405,7 +405,7 @@ mod tests {
                 dryrun, slots, max_slots: -1, dcp_options: dcp, mpirun_options: mpirun,
                 log_stdout: false, store_stdout: true,
             };
-            prop_assume!(original.name.as_deref().map_or(true, |n| validate_name(n).is_ok()));
+            prop_assume!(original.name.as_deref().is_none_or(|n| validate_name(n).is_ok()));
             let text = original.render();
             let parsed = Request::parse(text.as_bytes()).unwrap();
             prop_assert_eq!(parsed, original);

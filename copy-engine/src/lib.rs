@@ -1,1 +1,263 @@
-//! Copy engine.
+//! Copy engine: the native engine of the agent's built-in `default` profile.
+//!
+//! `cp -r`-like semantics: modes and times preserved (not ownership),
+//! symlinks copied as symlinks, holes kept, special files skipped with a
+//! note, one failing file does not stop the others. The caller runs it with
+//! the requesting user's credentials already in place, so the kernel is the
+//! one enforcing permissions.
+//!
+//! The agent runs [`run_worker`] in a child process and reads
+//! [`WorkerEvent`]s, one JSON object a line, from its stdout.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+mod engine;
+mod pool;
+mod scan;
+mod sys;
+
+/// Why a copy could not be done at all. Per-file problems are not errors:
+/// they are counted in [`Report`].
+///
+/// Display carries the whole story (path and OS error text), because the
+/// worker sends it as one line to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read source {}: {error}", path.display())]
+    Source {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("cannot create target {}: {error}", path.display())]
+    Target {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("cannot copy directory {} into itself ({})", source_path.display(), target.display())]
+    IntoItself {
+        source_path: PathBuf,
+        target: PathBuf,
+    },
+    #[error("cancelled")]
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Worker threads; 0 means one per CPU.
+    pub workers: usize,
+}
+
+/// Counters as sent to the agent.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq)]
+pub struct Counts {
+    pub items: u64,
+    pub directories: u64,
+    pub files: u64,
+    pub links: u64,
+    pub bytes: u64,
+}
+
+/// Live counters, updated by the workers while they copy. `items` is
+/// directories + files + links copied; `bytes` counts file bytes done,
+/// holes included, so it ends at the pre-scan's `total_bytes`.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub items: AtomicU64,
+    pub directories: AtomicU64,
+    pub files: AtomicU64,
+    pub links: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+impl Progress {
+    pub fn snapshot(&self) -> Counts {
+        Counts {
+            items: self.items.load(Ordering::Relaxed),
+            directories: self.directories.load(Ordering::Relaxed),
+            files: self.files.load(Ordering::Relaxed),
+            links: self.links.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What the pre-scan found: what a complete copy will count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScanTotals {
+    pub total_bytes: u64,
+    /// Directories, regular files and symlinks (special files are skipped).
+    pub total_items: u64,
+}
+
+/// The outcome of a copy that ran to its end.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Report {
+    pub counts: Counts,
+    pub failure_count: u64,
+    /// The first 10 failures, as `"<path>: <error text>"`.
+    pub failures: Vec<String>,
+    /// Informational lines, such as `skipped special file: <path>`.
+    pub notes: Vec<String>,
+}
+
+/// One line of the worker's stdout.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum WorkerEvent {
+    Scan {
+        total_bytes: u64,
+        total_items: u64,
+    },
+    Progress(Counts),
+    Done {
+        counts: Counts,
+        failure_count: u64,
+        failures: Vec<String>,
+        notes: Vec<String>,
+    },
+    Fatal {
+        message: String,
+    },
+}
+
+/// The `cp -r` rule: into an existing directory (symlinks followed) the copy
+/// lands at `destination/<basename of source>`, otherwise at `destination`.
+pub fn resolve_destination(source: &Path, destination: &Path) -> PathBuf {
+    if !destination.is_dir() {
+        return destination.to_path_buf();
+    }
+    // `file_name` is None for `..` or `/`; the real name is what cp uses.
+    let name = source.file_name().map(|n| n.to_os_string()).or_else(|| {
+        source
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_os_string()))
+    });
+    match name {
+        Some(n) => destination.join(n),
+        None => destination.to_path_buf(),
+    }
+}
+
+/// Counts what a copy of `source` will handle. A missing or unreadable
+/// source is an error.
+pub fn prescan(source: &Path, opts: &Options, cancel: &AtomicBool) -> Result<ScanTotals, Error> {
+    scan::prescan(source, worker_count(opts), cancel)
+}
+
+/// Copies `source` to exactly `target` (call [`resolve_destination`] first
+/// for the `cp -r` rule). Creates missing parents of `target`; copies into
+/// an existing target directory, overwriting files.
+pub fn copy(
+    source: &Path,
+    target: &Path,
+    opts: &Options,
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> Result<Report, Error> {
+    let opts = Options {
+        workers: worker_count(opts),
+    };
+    engine::copy(source, target, &opts, progress, cancel)
+}
+
+fn worker_count(opts: &Options) -> usize {
+    if opts.workers == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        opts.workers
+    }
+}
+
+fn emit(out: &mut impl Write, ev: &WorkerEvent) {
+    // A vanished reader (EPIPE) is not ours to handle: the agent that
+    // wanted these lines is gone and will kill the group.
+    if let Ok(line) = serde_json::to_string(ev) {
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+}
+
+/// Entry point of the agent's hidden worker subcommand; returns the exit
+/// code: 0 done without failures, 1 done with failures, 2 fatal.
+pub fn run_worker(source: &Path, target: &Path, workers: usize, interval: Duration) -> i32 {
+    let mut out = std::io::stdout().lock();
+    run_worker_to(&mut out, source, target, workers, interval)
+}
+
+/// [`run_worker`] writing to any sink, for tests.
+pub fn run_worker_to(
+    out: &mut impl Write,
+    source: &Path,
+    target: &Path,
+    workers: usize,
+    interval: Duration,
+) -> i32 {
+    let opts = Options { workers };
+    // SIGTERM ends the process; nothing here ever needs to set this.
+    let cancel = AtomicBool::new(false);
+    let totals = match prescan(source, &opts, &cancel) {
+        Ok(t) => t,
+        Err(e) => {
+            emit(
+                out,
+                &WorkerEvent::Fatal {
+                    message: e.to_string(),
+                },
+            );
+            return 2;
+        }
+    };
+    emit(
+        out,
+        &WorkerEvent::Scan {
+            total_bytes: totals.total_bytes,
+            total_items: totals.total_items,
+        },
+    );
+    let progress = Progress::default();
+    let result = std::thread::scope(|s| {
+        let (tx, rx) = mpsc::channel::<()>();
+        let copier = s.spawn(|| {
+            let r = copy(source, target, &opts, &progress, &cancel);
+            drop(tx);
+            r
+        });
+        // The channel closing is the end signal; the timeout is the tick.
+        while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(interval) {
+            emit(out, &WorkerEvent::Progress(progress.snapshot()));
+        }
+        copier.join().expect("copy thread panicked")
+    });
+    match result {
+        Ok(r) => {
+            let code = i32::from(r.failure_count > 0);
+            emit(
+                out,
+                &WorkerEvent::Done {
+                    counts: r.counts,
+                    failure_count: r.failure_count,
+                    failures: r.failures,
+                    notes: r.notes,
+                },
+            );
+            code
+        }
+        Err(e) => {
+            emit(
+                out,
+                &WorkerEvent::Fatal {
+                    message: e.to_string(),
+                },
+            );
+            2
+        }
+    }
+}

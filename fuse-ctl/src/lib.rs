@@ -168,6 +168,9 @@ struct Handle {
     poll: Option<PollNotifier>,
 }
 
+/// One entry of a directory listing taken at `opendir`.
+type DirEntry = (NodeId, FileType, Box<str>);
+
 struct PendingRead {
     node: NodeId,
     fh: u64,
@@ -186,7 +189,7 @@ enum Notice {
 struct Inner {
     nodes: RwLock<HashMap<NodeId, Node>>,
     handles: Mutex<HashMap<u64, Handle>>,
-    dir_listings: Mutex<HashMap<u64, Vec<(NodeId, FileType, Box<str>)>>>,
+    dir_listings: Mutex<HashMap<u64, Vec<DirEntry>>>,
     pending: Mutex<HashMap<u64, PendingRead>>,
     /// Interrupts that arrived before their read was registered (another
     /// dispatch thread may still be handling it), by request id.
@@ -382,29 +385,33 @@ impl Drop for Mounted {
     }
 }
 
-/// Detaches a stale FUSE mount left by a crashed daemon: a mount point whose
-/// `stat` fails with ENOTCONN. Returns whether one was cleaned.
+/// Detaches a stale FUSE mount left by a crashed daemon: one whose server is
+/// gone (ENOTCONN). Returns whether one was cleaned.
 pub fn clean_stale_mount(mountpoint: &Path) -> io::Result<bool> {
-    match std::fs::metadata(mountpoint) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            let path = CString::new(mountpoint.as_os_str().as_bytes())
-                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-            // SAFETY: `path` is a valid NUL-terminated string for the call.
-            let rc = unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
-            if rc != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(true)
-        }
-        _ => Ok(false),
+    let path = CString::new(mountpoint.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // statfs always asks the server; `stat` may be answered from the
+    // attribute cache for a while after the server died.
+    // SAFETY: `path` is NUL-terminated and `buf` is a writable statfs.
+    let rc = unsafe {
+        let mut buf: libc::statfs = std::mem::zeroed();
+        libc::statfs(path.as_ptr(), &mut buf)
+    };
+    if rc == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ENOTCONN) {
+        return Ok(false);
     }
+    // SAFETY: `path` is a valid NUL-terminated string for the call.
+    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(true)
 }
 
 /// Answers one write. Dropping it unanswered fails the write with EIO.
 pub struct WriteDone {
     inner: Arc<Inner>,
     fh: u64,
-    end_offset: u64,
+    offset: u64,
     len: u32,
     reply: Option<ReplyWrite>,
 }
@@ -413,8 +420,14 @@ impl WriteDone {
     /// Completes the write: `result` becomes the `write(2)` outcome and
     /// `reply_text` what reads after the written bytes return.
     pub fn finish(mut self, result: Result<(), Errno>, reply_text: Vec<u8>) {
+        // A failed write leaves the file offset where the write started, so
+        // that is where its reply begins.
+        let reply_at = match result {
+            Ok(()) => self.offset + u64::from(self.len),
+            Err(_) => self.offset,
+        };
         if let Some(handle) = self.inner.handles.lock().unwrap().get_mut(&self.fh) {
-            handle.write_reply = Some((self.end_offset, reply_text));
+            handle.write_reply = Some((reply_at, reply_text));
         }
         if let Some(reply) = self.reply.take() {
             match result {
@@ -860,7 +873,7 @@ impl Filesystem for Adapter {
         let done = WriteDone {
             inner: self.inner.clone(),
             fh: fh.0,
-            end_offset: offset + data.len() as u64,
+            offset,
             len: data.len() as u32,
             reply: Some(reply),
         };

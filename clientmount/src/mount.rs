@@ -1,0 +1,338 @@
+//! The mount layer: what is mounted where, device resolution, mount-point
+//! creation and the external commands of a plan.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use nnf_api::{ClientMountType, Servers};
+use tracing::{debug, info, warn};
+
+use crate::exec;
+use crate::mountinfo::{self, MountEntry};
+use crate::plan::{EntryPlan, Expected};
+
+/// Settings shared by every reconcile.
+#[derive(Debug)]
+pub struct Config {
+    pub command_timeout: Duration,
+    /// How long to wait for an activated block device to appear.
+    pub device_wait: Duration,
+    /// Where device-mapper nodes appear (`/dev/mapper`).
+    pub device_dir: PathBuf,
+    /// Set on SIGTERM: finish the command in flight, start no other.
+    pub shutdown: AtomicBool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("{user}: {debug}")]
+    Failed { user: String, debug: String },
+    #[error("interrupted by daemon shutdown")]
+    Interrupted,
+}
+
+fn fail(user: &str, debug: impl std::fmt::Display) -> StepError {
+    StepError::Failed {
+        user: user.to_string(),
+        debug: format!("{user}: {debug}"),
+    }
+}
+
+/// State of the mount path compared with what the plan expects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Present {
+    Absent,
+    Matches,
+    Foreign(String),
+}
+
+/// The path as mountinfo shows it: symlinks in the parent directories
+/// resolved (mountinfo paths are canonical), the last component kept.
+fn canonical(path: &Path) -> PathBuf {
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => fs::canonicalize(parent)
+            .map(|p| p.join(name))
+            .unwrap_or_else(|_| path.to_path_buf()),
+        _ => path.to_path_buf(),
+    }
+}
+
+fn rdev_of(device: &Path) -> Option<u64> {
+    let md = fs::metadata(device).ok()?;
+    md.file_type().is_block_device().then(|| md.rdev())
+}
+
+fn describe(e: &MountEntry) -> String {
+    format!(
+        "device {} ({}:{}) type {}",
+        e.source, e.major, e.minor, e.fstype
+    )
+}
+
+pub fn check(plan: &EntryPlan) -> Result<Present, StepError> {
+    let entries = mountinfo::read().map_err(|e| fail("could not read mount table", e))?;
+    let path = canonical(&plan.mount_path);
+    let Some(entry) = mountinfo::mount_at(&entries, &path) else {
+        return Ok(Present::Absent);
+    };
+    let ok = match &plan.expected {
+        Expected::Lustre { source } => entry.source == *source && entry.fstype == "lustre",
+        Expected::Block { device } => match rdev_of(device) {
+            None => false,
+            Some(rdev) if plan.mount_type == ClientMountType::None => {
+                // A bind mount of a device node shows the devtmpfs numbers in
+                // mountinfo; what is bound is the node itself, so compare the
+                // node reached through the mount path.
+                fs::metadata(&path)
+                    .map(|m| m.file_type().is_block_device() && m.rdev() == rdev)
+                    .unwrap_or(false)
+            }
+            Some(rdev) => {
+                libc::major(rdev) == entry.major
+                    && libc::minor(rdev) == entry.minor
+                    && entry.fstype == plan.fstype
+            }
+        },
+    };
+    if ok {
+        Ok(Present::Matches)
+    } else {
+        let want = match &plan.expected {
+            Expected::Lustre { source } => format!("{source} type lustre"),
+            Expected::Block { device } => format!("{} type {}", device.display(), plan.fstype),
+        };
+        Ok(Present::Foreign(format!(
+            "unexpected mount at path {}: found {}, expected {want}",
+            plan.mount_path.display(),
+            describe(entry)
+        )))
+    }
+}
+
+pub struct Runner<'a> {
+    pub cfg: &'a Config,
+}
+
+impl Runner<'_> {
+    fn guard(&self) -> Result<(), StepError> {
+        if self.cfg.shutdown.load(Ordering::SeqCst) {
+            Err(StepError::Interrupted)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn run(&self, step: &str, cmdline: &str) -> Result<(), StepError> {
+        self.guard()?;
+        info!(step, command = cmdline, "running");
+        let out = exec::run(cmdline, self.cfg.command_timeout)
+            .map_err(|e| fail(&format!("{step} failed"), e))?;
+        debug!(step, stdout = %out.stdout.trim(), stderr = %out.stderr.trim(), "command output");
+        Ok(())
+    }
+
+    fn run_opt(&self, step: &str, cmdline: &Option<String>) -> Result<(), StepError> {
+        match cmdline {
+            Some(c) => self.run(step, c),
+            None => Ok(()),
+        }
+    }
+
+    fn run_all(&self, step: &str, list: &[String]) -> Result<(), StepError> {
+        list.iter().try_for_each(|c| self.run(step, c))
+    }
+
+    fn wait_for_device(&self, device: &Path) -> Result<(), StepError> {
+        let deadline = Instant::now() + self.cfg.device_wait;
+        loop {
+            if rdev_of(device).is_some() {
+                return Ok(());
+            }
+            self.guard()?;
+            if Instant::now() >= deadline {
+                return Err(fail(
+                    "block device did not appear",
+                    format!(
+                        "{} is not a block device after {:?}",
+                        device.display(),
+                        self.cfg.device_wait
+                    ),
+                ));
+            }
+            // Only while a mount is in progress; the daemon is never idle here.
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn create_mount_point(&self, plan: &EntryPlan) -> Result<(), StepError> {
+        let path = &plan.mount_path;
+        let mkdir = |p: &Path| {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(p)
+                .map_err(|e| {
+                    fail(
+                        "could not create mount point",
+                        format!("{}: {e}", p.display()),
+                    )
+                })
+        };
+        if plan.target_file {
+            if let Some(parent) = path.parent() {
+                mkdir(parent)?;
+            }
+            match fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o644)
+                .open(path)
+            {
+                Ok(_) => Ok(()),
+                Err(e) => Err(fail(
+                    "could not create mount point",
+                    format!("{}: {e}", path.display()),
+                )),
+            }
+        } else {
+            mkdir(path)
+        }
+    }
+
+    /// Remove the mount point after unmounting: only an empty directory or
+    /// an empty regular file, so nothing a user left there is ever deleted.
+    fn remove_mount_point(&self, plan: &EntryPlan) {
+        let path = &plan.mount_path;
+        let Ok(md) = fs::symlink_metadata(path) else {
+            return;
+        };
+        let result = if md.is_dir() {
+            fs::remove_dir(path)
+        } else if md.is_file() && md.len() == 0 {
+            fs::remove_file(path)
+        } else {
+            return;
+        };
+        if let Err(e) = result {
+            warn!(path = %path.display(), error = %e, "could not remove mount point");
+        }
+    }
+
+    fn activate(&self, plan: &EntryPlan) -> Result<(), StepError> {
+        self.run_all("PreActivate", &plan.pre_activate)?;
+        self.run_opt("vgchange lock-start", &plan.vg_lock_start)?;
+        self.run_opt("lvchange activate", &plan.lv_activate)?;
+        if let Expected::Block { device } = &plan.expected {
+            self.wait_for_device(device)?;
+        }
+        self.run_all("PostActivate", &plan.post_activate)
+    }
+
+    /// Mount one entry. `was_ready`: the status already recorded it mounted;
+    /// then a mount that is still present needs nothing at all (no hooks run
+    /// twice across restarts).
+    pub fn mount(
+        &self,
+        plan: &EntryPlan,
+        was_ready: bool,
+        servers: Option<&Servers>,
+    ) -> Result<(), StepError> {
+        if was_ready && check(plan)? == Present::Matches {
+            return Ok(());
+        }
+        self.activate(plan)?;
+        self.run_all("PreMount", &plan.pre_mount)?;
+        match check(plan)? {
+            Present::Matches => info!(path = %plan.mount_path.display(), "already mounted"),
+            Present::Foreign(msg) => {
+                return Err(StepError::Failed {
+                    user: format!("unexpected mount at path {}", plan.mount_path.display()),
+                    debug: msg,
+                })
+            }
+            Present::Absent => match &plan.mount {
+                None => {
+                    info!(path = %plan.mount_path.display(), "no mount command in the profile: skipping mount")
+                }
+                Some(cmd) => {
+                    self.guard()?;
+                    self.create_mount_point(plan)?;
+                    self.run("mount", cmd)?;
+                    info!(path = %plan.mount_path.display(), "mounted");
+                }
+            },
+        }
+        if let Some((uid, gid)) = plan.owner {
+            std::os::unix::fs::chown(&plan.mount_path, Some(uid), Some(gid)).map_err(|e| {
+                fail(
+                    "unable to set owner and group for file system",
+                    format!("{}: {e}", plan.mount_path.display()),
+                )
+            })?;
+        }
+        if plan.write_servers {
+            write_servers_file(plan, servers);
+        }
+        self.run_all("PostMount", &plan.post_mount)
+    }
+
+    pub fn unmount(&self, plan: &EntryPlan, was_ready: bool) -> Result<(), StepError> {
+        if was_ready && check(plan)? == Present::Absent {
+            return Ok(());
+        }
+        self.run_all("PreUnmount", &plan.pre_unmount)?;
+        match check(plan)? {
+            Present::Foreign(msg) => {
+                return Err(StepError::Failed {
+                    user: format!("unexpected mount at path {}", plan.mount_path.display()),
+                    debug: msg,
+                })
+            }
+            Present::Matches => match &plan.unmount {
+                None => {
+                    info!(path = %plan.mount_path.display(), "mounted but the profile has no unmount command: leaving it");
+                }
+                Some(cmd) => {
+                    self.run("umount", cmd)?;
+                    info!(path = %plan.mount_path.display(), "unmounted");
+                    self.remove_mount_point(plan);
+                }
+            },
+            Present::Absent => self.remove_mount_point(plan),
+        }
+        self.run_all("PostUnmount", &plan.post_unmount)?;
+        self.run_all("PreDeactivate", &plan.pre_deactivate)?;
+        self.run_opt("lvchange deactivate", &plan.lv_deactivate)?;
+        self.run_opt("vgchange lock-stop", &plan.vg_lock_stop)?;
+        self.run_all("PostDeactivate", &plan.post_deactivate)
+    }
+}
+
+/// `<mountPath>/.nnf-servers.json`: best effort, a failure is only logged
+/// (in Kubernetes mode the daemon's role may not read Servers at all).
+fn write_servers_file(plan: &EntryPlan, servers: Option<&Servers>) {
+    let path = plan.mount_path.join(".nnf-servers.json");
+    let Some(servers) = servers else {
+        info!(path = %path.display(), "no Servers object for this ClientMount: not writing servers file");
+        return;
+    };
+    let write = || -> std::io::Result<()> {
+        let mut text = serde_json::to_vec(&servers.lustre_mapping())?;
+        text.push(b'\n');
+        let mut f = fs::File::create(&path)?;
+        f.write_all(&text)?;
+        f.set_permissions(fs::Permissions::from_mode(0o644))?;
+        if let Some((uid, gid)) = plan.owner {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+        }
+        Ok(())
+    };
+    if let Err(e) = write() {
+        warn!(path = %path.display(), error = %e, "could not write servers file");
+    }
+}

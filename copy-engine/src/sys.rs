@@ -1,0 +1,270 @@
+//! Thin wrappers over the `*at` syscalls the engine needs.
+//!
+//! std offers no `openat`/`mkdirat`/`getdents`, and going through full paths
+//! would make the kernel re-walk every path component per file.
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+pub fn cstring(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+pub fn openat(dir: RawFd, name: &CStr, flags: libc::c_int, mode: u32) -> io::Result<OwnedFd> {
+    loop {
+        // SAFETY: `name` is a valid NUL-terminated string; the kernel validates `dir`.
+        let fd = unsafe {
+            libc::openat(
+                dir,
+                name.as_ptr(),
+                flags | libc::O_CLOEXEC,
+                mode as libc::c_uint,
+            )
+        };
+        match cvt(fd) {
+            // SAFETY: the kernel just handed us this descriptor and nobody else owns it.
+            Ok(fd) => return Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+pub fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `st` is a writable buffer of the right size for `fstat`.
+    cvt(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: fstat succeeded, so it filled the whole struct.
+    Ok(unsafe { st.assume_init() })
+}
+
+pub fn fstatat(dir: RawFd, name: &CStr, flags: libc::c_int) -> io::Result<libc::stat> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: valid C string and a writable buffer of the right size.
+    cvt(unsafe { libc::fstatat(dir, name.as_ptr(), st.as_mut_ptr(), flags) })?;
+    // SAFETY: fstatat succeeded, so it filled the whole struct.
+    Ok(unsafe { st.assume_init() })
+}
+
+pub fn mkdirat(dir: RawFd, name: &CStr, mode: u32) -> io::Result<()> {
+    // SAFETY: valid C string; the kernel validates `dir`.
+    cvt(unsafe { libc::mkdirat(dir, name.as_ptr(), mode as libc::mode_t) }).map(drop)
+}
+
+pub fn unlinkat(dir: RawFd, name: &CStr, flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: valid C string; the kernel validates `dir`.
+    cvt(unsafe { libc::unlinkat(dir, name.as_ptr(), flags) }).map(drop)
+}
+
+pub fn symlinkat(target: &CStr, dir: RawFd, name: &CStr) -> io::Result<()> {
+    // SAFETY: both are valid C strings; the kernel validates `dir`.
+    cvt(unsafe { libc::symlinkat(target.as_ptr(), dir, name.as_ptr()) }).map(drop)
+}
+
+pub fn readlinkat(dir: RawFd, name: &CStr) -> io::Result<CString> {
+    let mut buf = vec![0u8; 256];
+    loop {
+        // SAFETY: `buf` is writable for `buf.len()` bytes.
+        let n = cvt_size(unsafe {
+            libc::readlinkat(dir, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+        })?;
+        // A full buffer may mean truncation: grow and retry.
+        if n < buf.len() {
+            buf.truncate(n);
+            return CString::new(buf)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "NUL in symlink"));
+        }
+        let len = buf.len() * 2;
+        buf.resize(len, 0);
+    }
+}
+
+pub fn fchmod(fd: &OwnedFd, mode: u32) -> io::Result<()> {
+    // SAFETY: plain syscall on a descriptor we own.
+    cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) }).map(drop)
+}
+
+pub fn times_of(st: &libc::stat) -> [libc::timespec; 2] {
+    [
+        libc::timespec {
+            tv_sec: st.st_atime,
+            tv_nsec: st.st_atime_nsec,
+        },
+        libc::timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec,
+        },
+    ]
+}
+
+pub fn futimens(fd: &OwnedFd, times: &[libc::timespec; 2]) -> io::Result<()> {
+    // SAFETY: `times` points to two valid timespecs.
+    cvt(unsafe { libc::futimens(fd.as_raw_fd(), times.as_ptr()) }).map(drop)
+}
+
+pub fn utimensat_nofollow(dir: RawFd, name: &CStr, times: &[libc::timespec; 2]) -> io::Result<()> {
+    // SAFETY: valid C string and two valid timespecs.
+    cvt(unsafe {
+        libc::utimensat(
+            dir,
+            name.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+pub fn ftruncate(fd: &OwnedFd, len: i64) -> io::Result<()> {
+    // SAFETY: plain syscall on a descriptor we own.
+    cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len) }).map(drop)
+}
+
+/// `Ok(None)` means ENXIO: no data (or hole) at or after `off`.
+pub fn lseek(fd: &OwnedFd, off: i64, whence: libc::c_int) -> io::Result<Option<i64>> {
+    // SAFETY: plain syscall on a descriptor we own.
+    let r = unsafe { libc::lseek(fd.as_raw_fd(), off, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(r))
+}
+
+/// With offsets given, the descriptors' file positions are left alone.
+pub fn copy_file_range(
+    fd_in: &OwnedFd,
+    off_in: Option<&mut i64>,
+    fd_out: &OwnedFd,
+    off_out: Option<&mut i64>,
+    len: usize,
+) -> io::Result<usize> {
+    let pin = off_in.map_or(std::ptr::null_mut(), |o| o as *mut i64);
+    let pout = off_out.map_or(std::ptr::null_mut(), |o| o as *mut i64);
+    loop {
+        // SAFETY: the offset pointers are null or point to live i64s; the
+        // descriptors are owned by the caller for the duration of the call.
+        let r = unsafe {
+            libc::copy_file_range(fd_in.as_raw_fd(), pin, fd_out.as_raw_fd(), pout, len, 0)
+        };
+        match cvt_size(r) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+pub fn pread(fd: &OwnedFd, buf: &mut [u8], off: i64) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is writable for its length.
+        let r = unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), off) };
+        match cvt_size(r) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+pub fn pwrite_all(fd: &OwnedFd, mut buf: &[u8], mut off: i64) -> io::Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: `buf` is readable for its length.
+        let r = unsafe { libc::pwrite(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), off) };
+        match cvt_size(r) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                buf = &buf[n..];
+                off += n as i64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// One directory entry as returned by `getdents64`.
+pub struct Dirent<'a> {
+    pub name: &'a CStr,
+    pub d_type: u8,
+}
+
+/// Reads the next batch of entries into `buf`; 0 means the end.
+pub fn getdents(fd: &OwnedFd, buf: &mut [u64]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is writable for its length in bytes; u64 storage gives
+        // the 8-byte alignment linux_dirent64 records need.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_getdents64,
+                fd.as_raw_fd(),
+                buf.as_mut_ptr(),
+                std::mem::size_of_val(buf),
+            )
+        };
+        match cvt_size(r as libc::ssize_t) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Iterates over the `len` bytes of records `getdents` wrote, skipping `.` and `..`.
+pub fn parse_dirents(buf: &[u64], len: usize) -> impl Iterator<Item = Dirent<'_>> {
+    // SAFETY: reinterpreting initialised u64 storage as bytes is always valid.
+    let bytes: &[u8] =
+        unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), len.min(buf.len() * 8)) };
+    let mut pos = 0usize;
+    std::iter::from_fn(move || loop {
+        // linux_dirent64: d_ino u64, d_off i64, d_reclen u16, d_type u8, d_name[].
+        if pos + 19 > bytes.len() {
+            return None;
+        }
+        let reclen = u16::from_ne_bytes([bytes[pos + 16], bytes[pos + 17]]) as usize;
+        let d_type = bytes[pos + 18];
+        let rec = bytes.get(pos + 19..pos + reclen)?;
+        pos += reclen;
+        let name = CStr::from_bytes_until_nul(rec).ok()?;
+        if name.to_bytes() == b"." || name.to_bytes() == b".." {
+            continue;
+        }
+        return Some(Dirent { name, d_type });
+    })
+}
+
+/// The process umask, read without changing it (umask(2) can only set it,
+/// which would race with other threads creating files).
+pub fn current_umask() -> u32 {
+    if let Ok(s) = std::fs::read_to_string("/proc/self/status") {
+        for line in s.lines() {
+            if let Some(v) = line.strip_prefix("Umask:") {
+                if let Ok(m) = u32::from_str_radix(v.trim(), 8) {
+                    return m;
+                }
+            }
+        }
+    }
+    0o022
+}

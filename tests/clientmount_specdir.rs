@@ -1,0 +1,561 @@
+//! `clientmountd --spec-dir`: real mounts of loop devices, recording
+//! stand-ins for the LVM, gfs2 and Lustre commands this machine lacks.
+//! Run as root. Every test has its own directory, loop devices and mount
+//! paths, so they run in parallel with each other and with other tests.
+
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use integration_tests::clientmount::*;
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(30);
+
+/// A test's world: spec dir, stand-in bin dir, device dir, LV map, logs.
+struct World {
+    tmp: tempfile::TempDir,
+}
+
+impl World {
+    fn new() -> World {
+        let tmp = tempfile::Builder::new()
+            .prefix("clientmountd-test-")
+            .tempdir()
+            .expect("tempdir");
+        for d in ["spec", "bin", "mapper", "map", "mnt"] {
+            fs::create_dir_all(tmp.path().join(d)).unwrap();
+        }
+        let w = World { tmp };
+        lvm_stubs(&w.bin(), &w.cmdlog(), &w.p("map"), &w.p("mapper"));
+        w
+    }
+    fn p(&self, rel: &str) -> std::path::PathBuf {
+        self.tmp.path().join(rel)
+    }
+    fn spec(&self) -> std::path::PathBuf {
+        self.p("spec")
+    }
+    fn bin(&self) -> std::path::PathBuf {
+        self.p("bin")
+    }
+    fn cmdlog(&self) -> std::path::PathBuf {
+        self.p("commands.log")
+    }
+    fn start(&self) -> Daemon {
+        Daemon::start(
+            &self.spec(),
+            &self.bin(),
+            &self.p("daemon.log"),
+            &[
+                "--device-dir",
+                self.p("mapper").to_str().unwrap(),
+                "--device-wait",
+                "5s",
+            ],
+        )
+    }
+    fn put(&self, name: &str, v: &Value) {
+        write_json(&self.spec().join(format!("{name}.json")), v);
+    }
+    fn commands(&self) -> Vec<String> {
+        read_lines(&self.cmdlog())
+    }
+}
+
+fn profile(data: Value) -> Value {
+    let mut data = data;
+    data["pinned"] = json!(true);
+    json!({
+        "apiVersion": "nnf.cray.hpe.com/v1alpha11",
+        "kind": "NnfStorageProfile",
+        "metadata": {"name": "pinned-prof", "namespace": "nnf-system"},
+        "data": data
+    })
+}
+
+fn block_section(extra_fs_user: Value, overrides: Value) -> Value {
+    json!({
+        "blockDeviceCommands": {"sharedVg": true, "computeCommands": {
+            "lvChange": {"activate": "--activate y $VG_NAME/$LV_NAME",
+                         "deactivate": "--activate n $VG_NAME/$LV_NAME"},
+            "vgChange": {"lockStart": "--lock-start $VG_NAME", "lockStop": "--lock-stop $VG_NAME"}}},
+        "fileSystemCommands": {"computeCommands": {
+            "mount": "$DEVICE $MOUNT_PATH", "unmount": "$MOUNT_PATH",
+            "userCommands": extra_fs_user}},
+        "variableOverride": overrides
+    })
+}
+
+fn clientmount(state: &str, mounts: Value) -> Value {
+    json!({
+        "apiVersion": "dataworkflowservices.github.io/v1alpha7",
+        "kind": "ClientMount",
+        "metadata": {"name": "cm", "namespace": "testnode", "labels": {
+            "nnf.cray.hpe.com/pinned_storage_profile_name": "pinned-prof",
+            "nnf.cray.hpe.com/pinned_storage_profile_namespace": "nnf-system",
+            "dataworkflowservices.github.io/workflow.name": "wf",
+            "dataworkflowservices.github.io/workflow.namespace": "default",
+            "nnf.cray.hpe.com/job_id": "4242"}},
+        "spec": {"node": "testnode", "desiredState": state, "mounts": mounts}
+    })
+}
+
+fn lvm_mount(path: &Path, ty: &str, vg: &str, lv: &str, perms: Option<(u32, u32)>) -> Value {
+    let mut m = json!({
+        "mountPath": path, "type": ty,
+        "targetType": if ty == "none" { "file" } else { "directory" },
+        "options": "", "setPermissions": perms.is_some(),
+        "device": {"type": "lvm", "lvm": {"deviceType": "nvme", "volumeGroup": vg, "logicalVolume": lv}}
+    });
+    if let Some((u, g)) = perms {
+        m["userID"] = json!(u);
+        m["groupID"] = json!(g);
+    }
+    m
+}
+
+fn all_ready(state: &'static str) -> impl Fn(&Value) -> bool {
+    move |s: &Value| {
+        s["allReady"] == json!(true)
+            && s["mounts"]
+                .as_array()
+                .is_some_and(|m| m.iter().all(|e| e["state"] == json!(state)))
+    }
+}
+
+#[test]
+fn xfs_mount_permissions_substitution_restart_and_unmount() {
+    let w = World::new();
+    let dev = LoopDev::new(w.tmp.path(), "xfs", Some(&["mkfs.xfs", "-q"]));
+    let mnt = w.p("mnt/xfs");
+    let mut guard = MountGuard::default();
+    guard.watch(&mnt);
+    map_lv(&w.p("map"), "vg-a", "lv-0", &dev.dev);
+    let hook = format!(
+        "echo '$DEVICE|$DEVICE_LIST|$VG_NAME/$LV_NAME|$UNKNOWN_X|$JOBID|$USERID:$GROUPID' >> {}",
+        w.p("hooks.log").display()
+    );
+    w.put("profile", &profile(json!({"xfsStorage": block_section(
+        json!({"preMount": ["echo premount $MOUNT_PATH >> ".to_string() + w.cmdlog().to_str().unwrap()],
+               "postMount": [hook]}),
+        json!({"$DEVICE_LIST": "pvA pvB"}))})));
+    w.put(
+        "cm",
+        &clientmount(
+            "mounted",
+            json!([lvm_mount(&mnt, "xfs", "vg-a", "lv-0", Some((1234, 5678)))]),
+        ),
+    );
+
+    let mut d = w.start();
+    let st = wait_status(&w.spec(), "cm", &d, T, all_ready("mounted"));
+    assert_eq!(st["mounts"], json!([{"state": "mounted", "ready": true}]));
+    assert!(st.get("error").is_none(), "{st}");
+
+    // Really mounted: xfs, and the kernel's device is the loop device the
+    // stand-in /dev/mapper symlink points at.
+    let mounts = mounts_at(&mnt);
+    assert_eq!(mounts.len(), 1, "{mounts:?}");
+    assert_eq!(mounts[0].fstype, "xfs");
+    assert_eq!((mounts[0].major, mounts[0].minor), dev.rdev());
+    let md = fs::metadata(&mnt).unwrap();
+    assert_eq!((md.uid(), md.gid()), (1234, 5678));
+
+    let mapper = w.p("mapper").join("vg--a-lv--0");
+    assert_eq!(
+        w.commands(),
+        vec![
+            "vgchange --lock-start vg-a".to_string(),
+            "lvchange --activate y vg-a/lv-0".to_string(),
+            format!("premount {}", mnt.display()),
+        ]
+    );
+    // Whole-name substitution: $DEVICE does not eat the front of
+    // $DEVICE_LIST, an unknown variable stays as written.
+    assert_eq!(
+        read_lines(&w.p("hooks.log")),
+        vec![format!(
+            "{}|pvA pvB|vg-a/lv-0|$UNKNOWN_X|4242|1234:5678",
+            mapper.display()
+        )]
+    );
+
+    // SIGTERM: exit 0. Restart: the mount is recognised, nothing runs again.
+    assert!(d.stop().unwrap().success(), "{}", d.log_text());
+    let before = w.commands().len();
+    let d = w.start();
+    wait_until(&d, T, "second reconcile", || {
+        d.log_text().matches("reconciled").count() >= 2
+    });
+    assert_eq!(mounts_at(&mnt).len(), 1, "mounted twice");
+    assert_eq!(
+        w.commands().len(),
+        before,
+        "commands re-run: {:?}",
+        w.commands()
+    );
+    assert_eq!(read_lines(&w.p("hooks.log")).len(), 1);
+    // Every log line of a reconcile names the ClientMount.
+    for line in d.log_text().lines().filter(|l| l.contains("reconciled")) {
+        assert!(line.contains("name=cm"), "{line}");
+    }
+
+    // desiredState unmounted: umount, remove the mount point, deactivate.
+    w.put(
+        "cm",
+        &clientmount(
+            "unmounted",
+            json!([lvm_mount(&mnt, "xfs", "vg-a", "lv-0", Some((1234, 5678)))]),
+        ),
+    );
+    wait_status(&w.spec(), "cm", &d, T, all_ready("unmounted"));
+    assert!(mount_at(&mnt).is_none());
+    assert!(!mnt.exists(), "mount point not removed");
+    assert!(!mapper.exists());
+    assert_eq!(
+        w.commands()[before..].to_vec(),
+        vec![
+            "lvchange --activate n vg-a/lv-0".to_string(),
+            "vgchange --lock-stop vg-a".to_string()
+        ]
+    );
+}
+
+#[test]
+fn raw_bind_onto_file_and_deletion() {
+    let w = World::new();
+    let dev = LoopDev::new(w.tmp.path(), "raw", None);
+    let file = w.p("mnt/raw/dev-file");
+    let mut guard = MountGuard::default();
+    guard.watch(&file);
+    map_lv(&w.p("map"), "vgraw", "lv", &dev.dev);
+    let mut raw = block_section(json!({}), json!({}));
+    raw["fileSystemCommands"]["computeCommands"]["mount"] = json!("-o bind $DEVICE $MOUNT_PATH");
+    w.put("profile", &profile(json!({"rawStorage": raw})));
+    w.put(
+        "cm",
+        &clientmount(
+            "mounted",
+            json!([lvm_mount(&file, "none", "vgraw", "lv", None)]),
+        ),
+    );
+    let d = w.start();
+    wait_status(&w.spec(), "cm", &d, T, all_ready("mounted"));
+
+    // The file is now the block device itself.
+    assert!(mount_at(&file).is_some());
+    let md = fs::metadata(&file).unwrap();
+    assert!(md.file_type().is_block_device());
+    assert_eq!((libc::major(md.rdev()), libc::minor(md.rdev())), dev.rdev());
+    assert!(w
+        .commands()
+        .contains(&"lvchange --activate y vgraw/lv".to_string()));
+
+    // The status file carries the implicit finalizer.
+    let sf: Value =
+        serde_json::from_slice(&fs::read(w.spec().join("cm.status.json")).unwrap()).unwrap();
+    assert_eq!(
+        sf["finalizer"]["name"],
+        json!("nnf.cray.hpe.com/nnf_clientmount")
+    );
+
+    // Deleting the ClientMount unmounts, removes the mount point, and then
+    // the status file.
+    fs::remove_file(w.spec().join("cm.json")).unwrap();
+    let status = w.spec().join("cm.status.json");
+    wait_until(&d, T, "status file removal", || !status.exists());
+    assert!(mount_at(&file).is_none());
+    assert!(!file.exists());
+    assert!(w
+        .commands()
+        .contains(&"lvchange --activate n vgraw/lv".to_string()));
+}
+
+#[test]
+fn foreign_mounts_are_errors_and_every_entry_is_tried() {
+    let w = World::new();
+    let good = LoopDev::new(w.tmp.path(), "good", Some(&["mkfs.xfs", "-q"]));
+    let ext4 = LoopDev::new(w.tmp.path(), "ext4", Some(&["mkfs.ext4", "-q"]));
+    let other = LoopDev::new(w.tmp.path(), "other", Some(&["mkfs.xfs", "-q"]));
+    let (p0, p1, p2) = (w.p("mnt/tmpfs"), w.p("mnt/ext4"), w.p("mnt/good"));
+    let mut guard = MountGuard::default();
+    for p in [&p0, &p1, &p2] {
+        guard.watch(p);
+        fs::create_dir_all(p).unwrap();
+    }
+    map_lv(&w.p("map"), "vg0", "lv", &other.dev);
+    map_lv(&w.p("map"), "vg1", "lv", &ext4.dev);
+    map_lv(&w.p("map"), "vg2", "lv", &good.dev);
+    // Entry 0: something else entirely at the path. Entry 1: the right
+    // device, but ext4 where the ClientMount says xfs.
+    assert!(Command::new("mount")
+        .args(["-t", "tmpfs", "foreign"])
+        .arg(&p0)
+        .status()
+        .unwrap()
+        .success());
+    assert!(Command::new("mount")
+        .args(["-t", "ext4"])
+        .arg(&ext4.dev)
+        .arg(&p1)
+        .status()
+        .unwrap()
+        .success());
+    w.put(
+        "profile",
+        &profile(json!({"xfsStorage": block_section(json!({}), json!({}))})),
+    );
+    w.put(
+        "cm",
+        &clientmount(
+            "mounted",
+            json!([
+                lvm_mount(&p0, "xfs", "vg0", "lv", None),
+                lvm_mount(&p1, "xfs", "vg1", "lv", None),
+                lvm_mount(&p2, "xfs", "vg2", "lv", None),
+            ]),
+        ),
+    );
+    let d = w.start();
+    let st = wait_status(&w.spec(), "cm", &d, T, |s| {
+        s["mounts"]
+            .get(2)
+            .is_some_and(|m| m["ready"] == json!(true))
+            && s.get("error").is_some()
+    });
+    assert_eq!(st["allReady"], json!(false));
+    assert_eq!(st["mounts"][0]["ready"], json!(false));
+    assert_eq!(st["mounts"][1]["ready"], json!(false));
+    let err = &st["error"];
+    assert_eq!(err["type"], json!("Internal"));
+    assert_eq!(err["severity"], json!("Major"));
+    let msg = err["debugMessage"].as_str().unwrap();
+    assert!(msg.contains("unexpected mount at path"), "{msg}");
+    assert!(
+        msg.contains(p0.to_str().unwrap()),
+        "first failure is entry 0: {msg}"
+    );
+    // The foreign mounts are untouched, the good one is mounted.
+    assert_eq!(mount_at(&p0).unwrap().fstype, "tmpfs");
+    assert_eq!(mount_at(&p1).unwrap().fstype, "ext4");
+    assert_eq!(mount_at(&p2).unwrap().fstype, "xfs");
+    // Retried with backoff: the error stays while the foreign mounts do.
+    wait_until(&d, T, "a retry", || {
+        d.log_text().matches("will retry").count() >= 2
+    });
+    // The foreign mount goes away: the retry mounts entry 0 and the error
+    // is cleared ... once entry 1 is also fixed.
+    assert!(Command::new("umount").arg(&p0).status().unwrap().success());
+    assert!(Command::new("umount").arg(&p1).status().unwrap().success());
+    fs::remove_dir(&p1).ok();
+    let ext4_as_xfs = wait_status(&w.spec(), "cm", &d, T, |s| {
+        s["mounts"][0]["ready"] == json!(true)
+    });
+    // vg1 is ext4 on disk: mount -t xfs fails and its stderr is reported.
+    assert_eq!(ext4_as_xfs["mounts"][1]["ready"], json!(false));
+    let msg = ext4_as_xfs["error"]["debugMessage"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        msg.contains(&format!("mount -t xfs {}", w.p("mapper/vg1-lv").display())),
+        "{msg}"
+    );
+}
+
+#[test]
+fn lustre_exact_command_lines_and_servers_file() {
+    let w = World::new();
+    let mnt = w.p("mnt/lus");
+    let log = w.cmdlog();
+    // Recording stand-ins for the Lustre mount and unmount.
+    stub(
+        &w.bin(),
+        "mount",
+        &format!("echo \"mount $*\" >> '{}'", log.display()),
+    );
+    stub(
+        &w.bin(),
+        "umount",
+        &format!("echo \"umount $*\" >> '{}'", log.display()),
+    );
+    w.put(
+        "profile",
+        &profile(json!({"lustreStorage": {"clientOptions": {
+        "commandlines": {
+            "mountCompute": "$MGS_NID:/$FS_NAME $MOUNT_PATH",
+            "unmountCompute": "$MOUNT_PATH",
+            "computePreMount": [format!("echo pre $FS_NAME >> {}", log.display())],
+            "computePostMount": [format!("echo post $MOUNT_PATH $JOBID >> {}", log.display())]},
+        "variableOverride": {"$FS_NAME": "lusfs"}}}})),
+    );
+    w.put("servers", &json!({
+        "apiVersion": "dataworkflowservices.github.io/v1alpha7", "kind": "Servers",
+        "metadata": {"name": "wf-0", "namespace": "default", "labels": {
+            "dataworkflowservices.github.io/workflow.name": "wf",
+            "dataworkflowservices.github.io/workflow.namespace": "default"}},
+        "spec": {"allocationSets": [
+            {"allocationSize": 1, "label": "mgtmdt", "storage": [{"allocationCount": 1, "name": "rabbit-1"}]},
+            {"allocationSize": 1, "label": "ost", "storage": [
+                {"allocationCount": 2, "name": "rabbit-1"}, {"allocationCount": 1, "name": "rabbit-2"}]}]}
+    }));
+    w.put("cm", &clientmount("mounted", json!([{
+        "mountPath": mnt, "type": "lustre", "targetType": "directory", "options": "",
+        "setPermissions": true, "userID": 1001, "groupID": 1002,
+        "device": {"type": "lustre", "lustre": {"fileSystemName": "orig", "mgsAddresses": "10.1.0.1@o2ib"}}}])));
+    let d = w.start();
+    wait_status(&w.spec(), "cm", &d, T, all_ready("mounted"));
+    assert_eq!(
+        w.commands(),
+        vec![
+            "pre lusfs".to_string(),
+            format!("mount -t lustre 10.1.0.1@o2ib:/lusfs {}", mnt.display()),
+            format!("post {} 4242", mnt.display()),
+        ]
+    );
+    let md = fs::metadata(&mnt).unwrap();
+    assert!(md.is_dir());
+    assert_eq!((md.uid(), md.gid()), (1001, 1002));
+    let servers: Value =
+        serde_json::from_slice(&fs::read(mnt.join(".nnf-servers.json")).unwrap()).unwrap();
+    assert_eq!(
+        servers,
+        json!({"mdt": [], "mgt": [], "mgtmdt": ["rabbit-1"],
+        "ost": ["rabbit-1", "rabbit-1", "rabbit-2"], "nnfNode": ["rabbit-1", "rabbit-2"]})
+    );
+    let smd = fs::metadata(mnt.join(".nnf-servers.json")).unwrap();
+    assert_eq!((smd.uid(), smd.gid()), (1001, 1002));
+}
+
+#[test]
+fn gfs2_with_recording_standins() {
+    let w = World::new();
+    let dev = LoopDev::new(w.tmp.path(), "gfs2", None);
+    let mnt = w.p("mnt/gfs2");
+    let log = w.cmdlog();
+    stub(
+        &w.bin(),
+        "mount",
+        &format!("echo \"mount $*\" >> '{}'", log.display()),
+    );
+    map_lv(&w.p("map"), "uid-9_1", "lv-3", &dev.dev);
+    let mut gfs2 = block_section(json!({}), json!({}));
+    gfs2["blockDeviceCommands"]["computeCommands"]["lvChange"]["activate"] =
+        json!("--activate ys $VG_NAME/$LV_NAME");
+    gfs2["blockDeviceCommands"]["computeCommands"]["userCommands"] = json!({
+        "preActivate": [format!("echo preact $CLUSTER_NAME $PROTOCOL >> {}", log.display())],
+        "postDeactivate": [format!("echo postdeact $LV_INDEX >> {}", log.display())]});
+    w.put("profile", &profile(json!({"gfs2Storage": gfs2})));
+    // No explicit LVM names: derived from the target labels, the allocation
+    // index and sharedVg, as NNF names them.
+    let mut cm = clientmount(
+        "mounted",
+        json!([{
+        "mountPath": mnt, "type": "gfs2", "targetType": "directory", "options": "",
+        "setPermissions": false,
+        "device": {"type": "lvm", "lvm": {"deviceType": "nvme"},
+            "deviceReference": {"objectReference": {"name": "nns", "namespace": "rabbit-7"}, "data": 3}}}]),
+    );
+    cm["metadata"]["labels"]["nnf.cray.hpe.com/target_owner_uid"] = json!("uid-9");
+    cm["metadata"]["labels"]["nnf.cray.hpe.com/target_directive_index"] = json!("1");
+    w.put("cm", &cm);
+    let d = w.start();
+    wait_status(&w.spec(), "cm", &d, T, all_ready("mounted"));
+    let mapper = w.p("mapper/uid--9_1-lv--3");
+    assert_eq!(
+        w.commands(),
+        vec![
+            "preact rabbit-7 lock_dlm".to_string(),
+            "vgchange --lock-start uid-9_1".to_string(),
+            "lvchange --activate ys uid-9_1/lv-3".to_string(),
+            format!("mount -t gfs2 {} {}", mapper.display(), mnt.display()),
+        ]
+    );
+    cm["spec"]["desiredState"] = json!("unmounted");
+    w.put("cm", &cm);
+    wait_status(&w.spec(), "cm", &d, T, all_ready("unmounted"));
+    assert_eq!(
+        w.commands()[4..].to_vec(),
+        vec![
+            "lvchange --activate n uid-9_1/lv-3".to_string(),
+            "vgchange --lock-stop uid-9_1".to_string(),
+            "postdeact 3".to_string(),
+        ]
+    );
+}
+
+#[test]
+fn bad_objects_do_not_crash_and_are_reported() {
+    let w = World::new();
+    // Missing required fields and no profile: a user error in the status,
+    // no panic; the daemon keeps serving other files.
+    w.put(
+        "bad",
+        &json!({"kind": "ClientMount", "metadata": {"name": "bad"}, "spec": {"node": "x"}}),
+    );
+    w.put(
+        "noprof",
+        &clientmount(
+            "mounted",
+            json!([{
+        "mountPath": w.p("mnt/x"), "type": "xfs", "targetType": "directory", "options": "",
+        "setPermissions": false, "device": {"type": "lvm"}}]),
+        ),
+    );
+    let mut d = w.start();
+    let st = wait_status(&w.spec(), "bad", &d, T, |s| s.get("error").is_some());
+    assert_eq!(st["error"]["type"], json!("User"));
+    assert!(st["error"]["debugMessage"]
+        .as_str()
+        .unwrap()
+        .contains("invalid ClientMount"));
+    let st = wait_status(&w.spec(), "noprof", &d, T, |s| s.get("error").is_some());
+    assert!(
+        st["error"]["debugMessage"]
+            .as_str()
+            .unwrap()
+            .contains("pinned storage profile"),
+        "{st}"
+    );
+    // The profile arrives: the ClientMount is retried at once, and fails
+    // now on the missing LVM names (a user error, Fatal).
+    w.put("profile", &profile(json!({})));
+    let st = wait_status(&w.spec(), "noprof", &d, T, |s| {
+        s["error"]["severity"] == json!("Fatal")
+    });
+    assert!(
+        st["error"]["debugMessage"]
+            .as_str()
+            .unwrap()
+            .contains("volumeGroup"),
+        "{st}"
+    );
+    assert!(d.stop().unwrap().success());
+}
+
+#[test]
+fn version_and_kubernetes_mode_refused() {
+    let out = Command::new(clientmountd_bin())
+        .arg("version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+    let out = Command::new(clientmountd_bin())
+        .args([
+            "--kubernetes-service-host",
+            "10.0.0.1",
+            "--kubernetes-service-port",
+            "6443",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Kubernetes mode not yet supported in this build; use --spec-dir"),
+        "{err}"
+    );
+}

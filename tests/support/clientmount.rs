@@ -1,0 +1,297 @@
+//! Helpers for the clientmountd tests: loop devices, recording stand-in
+//! commands, the daemon process and status files. Every helper that changes
+//! the machine undoes it in `Drop`, so a failing assertion still cleans up.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+/// The `clientmountd` built next to this test executable.
+pub fn clientmountd_bin() -> PathBuf {
+    super::bin("clientmountd")
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A loop device over a sparse image file, detached on drop.
+pub struct LoopDev {
+    pub dev: PathBuf,
+}
+
+impl LoopDev {
+    /// `mkfs`: e.g. `Some(&["mkfs.xfs", "-q"])`, or `None` for a raw device.
+    pub fn new(dir: &Path, name: &str, mkfs: Option<&[&str]>) -> LoopDev {
+        let image = dir.join(format!("{name}.img"));
+        // mkfs.xfs refuses file systems below 300 MiB; the file is sparse.
+        fs::File::create(&image)
+            .and_then(|f| f.set_len(320 << 20))
+            .expect("image file");
+        let dev = run_ok(Command::new("losetup").args(["-f", "--show"]).arg(&image));
+        let loopdev = LoopDev {
+            dev: PathBuf::from(dev),
+        };
+        if let Some(mkfs) = mkfs {
+            run_ok(Command::new(mkfs[0]).args(&mkfs[1..]).arg(&loopdev.dev));
+        }
+        loopdev
+    }
+
+    pub fn rdev(&self) -> (u32, u32) {
+        use std::os::unix::fs::MetadataExt;
+        let rdev = fs::metadata(&self.dev).expect("stat loop").rdev();
+        (libc::major(rdev), libc::minor(rdev))
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+/// Lazily unmounts every mount still at these paths on drop.
+#[derive(Default)]
+pub struct MountGuard {
+    paths: Vec<PathBuf>,
+}
+
+impl MountGuard {
+    pub fn watch(&mut self, path: &Path) {
+        self.paths.push(path.to_path_buf());
+    }
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        for p in &self.paths {
+            while mount_at(p).is_some() {
+                let ok = Command::new("umount")
+                    .arg("-l")
+                    .arg(p)
+                    .stderr(Stdio::null())
+                    .status()
+                    .map(|s| s.success())
+                    .unwrap_or(false);
+                if !ok {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// One `/proc/self/mountinfo` line, the fields tests look at.
+#[derive(Debug, Clone)]
+pub struct Mount {
+    pub major: u32,
+    pub minor: u32,
+    pub fstype: String,
+    pub source: String,
+}
+
+/// Every mount at `path` (stacked mounts give several).
+pub fn mounts_at(path: &Path) -> Vec<Mount> {
+    let text = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let path = path.to_str().expect("utf8 path");
+    text.lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let f: Vec<&str> = left.split(' ').collect();
+            let r: Vec<&str> = right.split(' ').collect();
+            if f.get(4)? != &path {
+                return None;
+            }
+            let (ma, mi) = f.get(2)?.split_once(':')?;
+            Some(Mount {
+                major: ma.parse().ok()?,
+                minor: mi.parse().ok()?,
+                fstype: r.first()?.to_string(),
+                source: r.get(1).unwrap_or(&"").to_string(),
+            })
+        })
+        .collect()
+}
+
+pub fn mount_at(path: &Path) -> Option<Mount> {
+    mounts_at(path).pop()
+}
+
+/// Write an executable stand-in script `name` into `bin`.
+pub fn stub(bin: &Path, name: &str, body: &str) {
+    fs::create_dir_all(bin).expect("stub dir");
+    let path = bin.join(name);
+    fs::write(&path, format!("#!/bin/bash\n{body}\n")).expect("stub");
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod stub");
+}
+
+/// Recording `lvchange`/`vgchange` stand-ins. `lvchange --activate y*
+/// VG/LV` makes `<devdir>/<dm name>` a symlink to the device named in
+/// `<map>/<VG>/<LV>` (as device-mapper would create the node), `--activate
+/// n` removes it.
+pub fn lvm_stubs(bin: &Path, log: &Path, map: &Path, devdir: &Path) {
+    let log = log.display();
+    stub(bin, "vgchange", &format!("echo \"vgchange $*\" >> '{log}'"));
+    stub(
+        bin,
+        "lvchange",
+        &format!(
+            r#"echo "lvchange $*" >> '{log}'
+vglv="$3"; vg="${{vglv%%/*}}"; lv="${{vglv#*/}}"
+node='{devdir}'/"${{vg//-/--}}-${{lv//-/--}}"
+case "$2" in
+  y|ys|ey|sy) ln -sfn "$(cat '{map}'/"$vg"/"$lv")" "$node" ;;
+  n) rm -f "$node" ;;
+esac"#,
+            devdir = devdir.display(),
+            map = map.display()
+        ),
+    );
+    stub(bin, "nvme", &format!("echo \"nvme $*\" >> '{log}'"));
+}
+
+/// Tell the lvchange stand-in which device `<vg>/<lv>` is.
+pub fn map_lv(map: &Path, vg: &str, lv: &str, dev: &Path) {
+    fs::create_dir_all(map.join(vg)).expect("map dir");
+    fs::write(map.join(vg).join(lv), dev.display().to_string()).expect("map");
+}
+
+/// Replace `path` atomically, as the daemon's writers are expected to.
+pub fn write_json(path: &Path, value: &serde_json::Value) {
+    let tmp = path.with_extension("json.tmp");
+    fs::write(&tmp, serde_json::to_vec_pretty(value).expect("json")).expect("write tmp");
+    fs::rename(&tmp, path).expect("rename");
+}
+
+pub fn read_lines(path: &Path) -> Vec<String> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// A running `clientmountd --spec-dir`. Dropping it sends SIGTERM and waits.
+pub struct Daemon {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Start with `bin` first on PATH and the given extra arguments.
+    pub fn start(spec_dir: &Path, bin: &Path, log: &Path, extra: &[&str]) -> Daemon {
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let stderr = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("daemon log");
+        let child = Command::new(clientmountd_bin())
+            .arg("--spec-dir")
+            .arg(spec_dir)
+            .args(["--node-name", "testnode", "--command-timeout", "20s"])
+            .args(extra)
+            .env("PATH", path)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("KUBERNETES_SERVICE_PORT")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn clientmountd");
+        Daemon {
+            child: Some(child),
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// SIGTERM, then wait for the exit (killed after 30 s).
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Poll `<dir>/<name>.status.json` until `pred` holds on its `status`;
+/// panics with the last content and the daemon log after `timeout`.
+pub fn wait_status(
+    dir: &Path,
+    name: &str,
+    daemon: &Daemon,
+    timeout: Duration,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let path = dir.join(format!("{name}.status.json"));
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        if let Ok(text) = fs::read_to_string(&path) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                if pred(&v["status"]) {
+                    return v["status"].clone();
+                }
+            }
+            last = text;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "timed out waiting for {}; last content:\n{last}\ndaemon log:\n{}",
+                path.display(),
+                daemon.log_text()
+            );
+        }
+        sleep(Duration::from_millis(50));
+    }
+}
+
+/// Poll until `cond` holds, panicking with `what` and the daemon log.
+pub fn wait_until(daemon: &Daemon, timeout: Duration, what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        if Instant::now() > deadline {
+            panic!(
+                "timed out waiting for {what}; daemon log:\n{}",
+                daemon.log_text()
+            );
+        }
+        sleep(Duration::from_millis(50));
+    }
+}
