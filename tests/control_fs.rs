@@ -1042,10 +1042,14 @@ fn crash_leaves_a_stale_mount_that_the_next_start_cleans_and_reruns_the_copy() {
     assert!(wait_until(LONG, || agent.read("crashy/state").unwrap() == "running\n"));
     assert!(wait_until(LONG, || marker.exists()));
     agent.crash();
-    // Cached attributes may hide it for a moment (attribute TTL).
-    assert!(
-        wait_until(Duration::from_secs(3), || std::fs::metadata(&agent.mnt)
-            .is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))),
+    // statfs always asks the (dead) server; stat may be answered from cache.
+    let out = python(&format!(
+        "import os\ntry:\n    os.statvfs({:?})\nexcept OSError as e:\n    print(e.errno)\n",
+        agent.mnt.to_str().unwrap()
+    ));
+    assert_eq!(
+        stdout(&out).trim(),
+        libc::ENOTCONN.to_string(),
         "a crash leaves a stale mount"
     );
     // The copy's shell died with the agent (the bracket keeps pgrep from matching its own shell).

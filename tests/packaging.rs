@@ -375,7 +375,7 @@ fn wired_install_refused_when_not_root() {
         let dir = tempfile::tempdir().unwrap();
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
         let copy = dir.path().join(name);
-        fs::copy(bin(name), &copy).unwrap();
+        integration_tests::copy_executable(&bin(name), &copy);
         let system_unit = PathBuf::from(format!("/etc/systemd/system/{name}.service"));
         let existed = system_unit.exists();
         let out = Command::new("setpriv")
@@ -435,16 +435,14 @@ fn wired_installed_units_pass_systemd_analyze_verify() {
 fn run_with_fake_systemctl(exe: &Path, args: &[&str], active: bool, code: i32) -> (Output, String) {
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("systemctl");
-    fs::write(
+    integration_tests::write_executable(
         &script,
-        "#!/bin/sh\necho \"$*\" >> \"$FAKE_LOG\"\n\
+        b"#!/bin/sh\necho \"$*\" >> \"$FAKE_LOG\"\n\
          case \"$1\" in\n\
          is-active) [ \"$FAKE_ACTIVE\" = 1 ] && exit 0 || exit 3 ;;\n\
          status) echo \"fake status of $2\"; exit \"$FAKE_CODE\" ;;\n\
          esac\nexit 0\n",
-    )
-    .unwrap();
-    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let log = dir.path().join("log");
     let path = format!(
         "{}:{}",

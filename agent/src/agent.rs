@@ -166,14 +166,31 @@ impl Agent {
         let weak = Arc::downgrade(self);
         self.fs
             .set_rmdir_hook(Box::new(move |caller, _node, name| match weak.upgrade() {
-                Some(agent) => agent.rmdir(caller, name),
+                // On success the library drops the node; the kernel its dentry.
+                Some(agent) => agent.remove_op(caller.uid, name).map(|_| ()),
                 None => Err(Errno::ENOENT),
             }));
     }
 
     /// Handles one write to `request`: the new operation's name, or why not.
+    /// A rejection is recorded for the `errors` file either way.
     pub fn create(&self, who: &Requester, bytes: &[u8]) -> Result<String, Rejection> {
-        let mut request = Request::parse(bytes).map_err(|e| Rejection::new(Errno::EINVAL, e.0))?;
+        Request::parse(bytes)
+            .map_err(|e| Rejection::new(Errno::EINVAL, e.0))
+            .and_then(|request| self.create_checked(who, request))
+            .inspect_err(|rejection| self.reject(who, rejection))
+    }
+
+    /// Creates an operation from an already parsed request (the gRPC door).
+    pub fn submit(&self, who: &Requester, request: Request) -> Result<String, Rejection> {
+        self.create_checked(who, request)
+            .inspect_err(|rejection| self.reject(who, rejection))
+    }
+
+    fn create_checked(&self, who: &Requester, mut request: Request) -> Result<String, Rejection> {
+        if let Some(name) = &request.name {
+            crate::request::validate_name(name).map_err(|e| Rejection::new(Errno::EINVAL, e.0))?;
+        }
         if request.workflow.is_none() && request.namespace.is_none() {
             let env = crate::environ::workflow_of(who.pid);
             request.workflow = env.0;
@@ -201,6 +218,42 @@ impl Agent {
         }
         tracing::info!(op = %name, user = who.uid, source = %op.request.source, destination = %op.request.destination, "operation created");
         Ok(name)
+    }
+
+    /// The operation `name` if `uid` may see it (its owner, or root).
+    pub fn lookup(&self, uid: u32, name: &str) -> Option<Arc<Operation>> {
+        let op = self.registry.read().unwrap().ops.get(name).cloned()?;
+        (uid == 0 || op.uid == uid).then_some(op)
+    }
+
+    /// The operations `uid` may see, by name.
+    pub fn list(&self, uid: u32) -> Vec<Arc<Operation>> {
+        let mut ops: Vec<Arc<Operation>> = self
+            .registry
+            .read()
+            .unwrap()
+            .ops
+            .values()
+            .filter(|op| uid == 0 || op.uid == uid)
+            .cloned()
+            .collect();
+        ops.sort_by(|a, b| a.name.cmp(&b.name));
+        ops
+    }
+
+    /// Asks for cancellation; nothing happens to a completed operation.
+    pub fn cancel(&self, op: &Arc<Operation>) {
+        tracing::info!(op = %op.name, user = op.uid, "cancel requested");
+        self.backend().cancel(op);
+    }
+
+    /// Removes a completed operation, as `rmdir` does (EBUSY until completed).
+    pub fn delete(&self, uid: u32, name: &str) -> Result<(), Errno> {
+        let op = self.remove_op(uid, name)?;
+        if let Some(node) = op.node.get() {
+            self.fs.remove(*node);
+        }
+        Ok(())
     }
 
     fn check_limit(&self, registry: &Registry, uid: u32) -> Result<(), Rejection> {
@@ -303,7 +356,7 @@ impl Agent {
     }
 
     /// Records a rejection for the `errors` file and the log.
-    pub fn reject(&self, who: &Requester, rejection: &Rejection) {
+    fn reject(&self, who: &Requester, rejection: &Rejection) {
         let line = format!(
             "{} {} {}",
             rfc3339(SystemTime::now()),
@@ -324,7 +377,8 @@ impl Agent {
         list.push_back(line);
     }
 
-    fn rmdir(&self, caller: &Caller, name: &str) -> Result<(), Errno> {
+    /// Forgets a completed operation everywhere but in the filesystem tree.
+    fn remove_op(&self, uid: u32, name: &str) -> Result<Arc<Operation>, Errno> {
         let op = self
             .registry
             .read()
@@ -333,14 +387,14 @@ impl Agent {
             .get(name)
             .cloned()
             .ok_or(Errno::ENOENT)?;
-        if !caller.is_root() && caller.uid != op.uid {
+        if uid != 0 && uid != op.uid {
             return Err(Errno::EACCES);
         }
         if !op.is_completed() {
             return Err(Errno::EBUSY);
         }
         if let Err(rejection) = self.backend().remove(&op) {
-            tracing::warn!(op = %name, user = caller.uid, "cannot remove: {}", rejection.reason);
+            tracing::warn!(op = %name, user = uid, "cannot remove: {}", rejection.reason);
             return Err(rejection.errno);
         }
         let mut registry = self.registry.write().unwrap();
@@ -348,8 +402,8 @@ impl Agent {
         if let Some(count) = registry.per_user.get_mut(&op.uid) {
             *count = count.saturating_sub(1);
         }
-        tracing::info!(op = %name, user = caller.uid, "operation removed");
-        Ok(())
+        tracing::info!(op = %name, user = uid, "operation removed");
+        Ok(op)
     }
 
     /// Removes completed operations older than the retention period.
@@ -421,7 +475,6 @@ impl FileOps for RequestFile {
         match agent.create(&who, data) {
             Ok(name) => done.finish(Ok(()), format!("{name}\n").into_bytes()),
             Err(rejection) => {
-                agent.reject(&who, &rejection);
                 let reply = format!("error: {}\n", rejection.reason.replace('\n', " "));
                 done.finish(Err(rejection.errno), reply.into_bytes());
             }

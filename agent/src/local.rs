@@ -51,6 +51,7 @@ pub struct LocalBackend {
     store: Store,
     queue: Mutex<Queue>,
     running: Mutex<BTreeMap<String, Running>>,
+    records: Mutex<()>,
     spawner: Spawner,
     notify: Notify,
     cpus: usize,
@@ -69,6 +70,7 @@ impl LocalBackend {
                 active: 0,
             }),
             running: Mutex::new(BTreeMap::new()),
+            records: Mutex::new(()),
             spawner: Spawner::start(),
             notify,
             cpus: std::thread::available_parallelism()
@@ -127,6 +129,12 @@ impl LocalBackend {
     }
 
     fn persist(&self, op: &Operation, process: Option<(i32, u64)>) -> std::io::Result<()> {
+        // Serialised with `remove`, so that a late write from the copy thread
+        // cannot bring back the record of an operation just removed.
+        let _records = self.records.lock().unwrap();
+        if op.removed.load(Ordering::Acquire) {
+            return Ok(());
+        }
         self.store.save(&Record {
             name: op.name.clone(),
             uid: op.uid,
@@ -160,39 +168,53 @@ impl LocalBackend {
     /// Starts waiting copies while fewer than `max_active` run, taking users
     /// in turn so that one user's many requests cannot starve another's.
     fn pump(&self) {
-        let mut to_start = Vec::new();
-        {
-            let mut queue = self.queue.lock().unwrap();
-            while queue.active < self.max_active && !queue.waiting.is_empty() {
-                let after = queue.last_uid;
-                let uid = after
-                    .and_then(|last| queue.waiting.range(last + 1..).next().map(|(uid, _)| *uid))
-                    .or_else(|| queue.waiting.keys().next().copied())
-                    .expect("queue is not empty");
-                let list = queue.waiting.get_mut(&uid).expect("uid is present");
-                let op = list.pop_front().expect("lists are never left empty");
-                if list.is_empty() {
-                    queue.waiting.remove(&uid);
+        loop {
+            let to_start = self.take_startable();
+            if to_start.is_empty() {
+                return;
+            }
+            for op in to_start {
+                if op.request.dryrun {
+                    // Nothing to run: completing it here spares a thread.
+                    self.run(&op);
+                    self.queue.lock().unwrap().active -= 1;
+                    continue;
                 }
-                queue.last_uid = Some(uid);
-                queue.active += 1;
-                to_start.push(op);
+                let me = self.me.upgrade().expect("backend alive while pumping");
+                let spawned = std::thread::Builder::new()
+                    .name(format!("copy-{}", op.name))
+                    .spawn(move || {
+                        me.run(&op);
+                        me.queue.lock().unwrap().active -= 1;
+                        me.pump();
+                    });
+                if let Err(e) = spawned {
+                    tracing::error!("cannot start a copy thread: {e}");
+                    self.queue.lock().unwrap().active -= 1;
+                }
             }
         }
-        for op in to_start {
-            let me = self.me.upgrade().expect("backend alive while pumping");
-            let spawned = std::thread::Builder::new()
-                .name(format!("copy-{}", op.name))
-                .spawn(move || {
-                    me.run(&op);
-                    me.queue.lock().unwrap().active -= 1;
-                    me.pump();
-                });
-            if let Err(e) = spawned {
-                tracing::error!("cannot start a copy thread: {e}");
-                self.queue.lock().unwrap().active -= 1;
+    }
+
+    fn take_startable(&self) -> Vec<Arc<Operation>> {
+        let mut to_start = Vec::new();
+        let mut queue = self.queue.lock().unwrap();
+        while queue.active < self.max_active && !queue.waiting.is_empty() {
+            let after = queue.last_uid;
+            let uid = after
+                .and_then(|last| queue.waiting.range(last + 1..).next().map(|(uid, _)| *uid))
+                .or_else(|| queue.waiting.keys().next().copied())
+                .expect("queue is not empty");
+            let list = queue.waiting.get_mut(&uid).expect("uid is present");
+            let op = list.pop_front().expect("lists are never left empty");
+            if list.is_empty() {
+                queue.waiting.remove(&uid);
             }
+            queue.last_uid = Some(uid);
+            queue.active += 1;
+            to_start.push(op);
         }
+        to_start
     }
 
     /// Runs one copy to completion and records how it ended.
@@ -392,9 +414,7 @@ impl LocalBackend {
             // Missing parents of the destination are created as the user, so
             // the kernel decides whether they may.
             let dir = dir.clone();
-            sys::as_user(uid, gid, groups.clone(), move || {
-                std::fs::create_dir_all(&dir)
-            })??;
+            sys::as_user(uid, gid, &groups, || std::fs::create_dir_all(&dir))??;
         }
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
@@ -638,7 +658,7 @@ impl Backend for LocalBackend {
             PathBuf::from(&request.destination),
         );
         // Checked as the user: what they cannot see does not exist for them.
-        let probe = sys::as_user(who.uid, who.gid, groups, move || {
+        let probe = sys::as_user(who.uid, who.gid, &groups, || {
             std::fs::symlink_metadata(&source)?;
             Ok::<_, std::io::Error>(if native {
                 copy_engine::resolve_destination(&source, &destination)
@@ -715,6 +735,8 @@ impl Backend for LocalBackend {
     }
 
     fn remove(&self, op: &Operation) -> Result<(), Rejection> {
+        let _records = self.records.lock().unwrap();
+        op.removed.store(true, Ordering::Release);
         self.store.delete(&op.name).map_err(|e| {
             Rejection::new(
                 Errno::EIO,

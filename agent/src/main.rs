@@ -1,7 +1,9 @@
 //! `nnf-dm`: the NNF data-movement agent.
 
 mod agent;
+mod cli;
 mod environ;
+mod grpc;
 mod local;
 mod op;
 mod profiles;
@@ -33,12 +35,16 @@ struct Cli {
     command: Option<Cmd>,
     #[command(flatten)]
     run: RunArgs,
+    #[command(flatten)]
+    mount: cli::MountArg,
 }
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
     #[command(flatten)]
     Service(daemon_svc::ServiceCommand),
+    #[command(flatten)]
+    User(cli::UserCommand),
     /// Copy SOURCE to TARGET as the calling user (run by the agent, not by hand).
     #[command(hide = true)]
     CopyWorker {
@@ -86,6 +92,9 @@ struct RunArgs {
     max_active: usize,
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Unix socket of the upstream gRPC DataMover API; '' disables it.
+    #[arg(long, default_value = "/var/run/nnf-dm.sock", value_parser = path_or_empty)]
+    socket: PathBuf,
 
     #[command(flatten)]
     kube: KubeArgs,
@@ -145,10 +154,16 @@ impl KubeArgs {
     }
 }
 
+/// Like clap's path parser, but lets `''` through (it means "disabled").
+fn path_or_empty(value: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(value))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Cmd::Service(cmd)) => daemon_svc::execute::<Cli>(&daemon_svc::NNF_DM, cmd),
+        Some(Cmd::User(cmd)) => cli::run(&cli.mount, cmd),
         Some(Cmd::CopyWorker {
             workers,
             source,
@@ -248,6 +263,14 @@ fn run(args: RunArgs) -> Result<(), String> {
             args.state_dir.display()
         )
     })?;
+
+    // Both doors open before either is announced: the socket first, so a
+    // client that saw the mount can also connect.
+    let _grpc = if args.socket.as_os_str().is_empty() {
+        None
+    } else {
+        Some(grpc::start(agent.clone(), &args.socket)?)
+    };
 
     let mounted = agent.fs().mount(&args.mountpoint, "nnf-dm").map_err(|e| {
         format!(

@@ -213,8 +213,12 @@ pub struct Operation {
     /// Bumped whenever state, progress or message change (what `poll` wakes on).
     generation: AtomicU64,
     pub cancel_requested: AtomicBool,
+    /// Set once removed, so that no late update records it again.
+    pub removed: AtomicBool,
     /// Its directory in the control filesystem, once visible.
     pub node: OnceLock<fuse_ctl::NodeId>,
+    /// Carries the generation to async waiters (the gRPC door).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Operation {
@@ -236,7 +240,9 @@ impl Operation {
             status: Mutex::new(status),
             generation: AtomicU64::new(1),
             cancel_requested: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
             node: OnceLock::new(),
+            changes: tokio::sync::watch::Sender::new(1),
         }
     }
 
@@ -246,6 +252,11 @@ impl Operation {
 
     pub fn is_completed(&self) -> bool {
         self.status.lock().unwrap().is_completed()
+    }
+
+    /// Wakes on every change of state, progress or message.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     pub fn generation(&self) -> u64 {
@@ -270,7 +281,8 @@ impl Operation {
                 status.message.clone(),
             );
         if visible {
-            self.generation.fetch_add(1, Ordering::AcqRel);
+            let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+            self.changes.send_replace(generation);
         }
         visible
     }

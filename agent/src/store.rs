@@ -5,6 +5,8 @@ use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -30,7 +32,12 @@ pub struct Record {
 pub struct Store {
     ops_dir: PathBuf,
     hostfiles_dir: PathBuf,
+    /// Records written but not yet flushed to disk, for the syncer thread.
+    unsynced: Arc<(Mutex<Vec<PathBuf>>, Condvar)>,
 }
+
+/// How long a written record may wait for its fsync.
+const SYNC_DELAY: Duration = Duration::from_millis(50);
 
 impl Store {
     pub fn open(state_dir: &Path) -> io::Result<Store> {
@@ -49,9 +56,16 @@ impl Store {
             .recursive(true)
             .mode(0o755)
             .create(&hostfiles_dir)?;
+        let unsynced: Arc<(Mutex<Vec<PathBuf>>, Condvar)> = Arc::default();
+        let queue = unsynced.clone();
+        let dir = ops_dir.clone();
+        std::thread::Builder::new()
+            .name("record-sync".into())
+            .spawn(move || sync_loop(&dir, &queue))?;
         Ok(Store {
             ops_dir,
             hostfiles_dir,
+            unsynced,
         })
     }
 
@@ -59,7 +73,11 @@ impl Store {
         self.ops_dir.join(format!("{name}.json"))
     }
 
-    /// Writes the record durably: temporary file, fsync, rename.
+    /// Replaces the record atomically (temporary file, rename): a crashed
+    /// agent leaves the old record or the new one, never a torn one. The
+    /// fsync follows within `SYNC_DELAY` from the syncer thread, batched, so
+    /// that a request does not wait for the disk; only a power loss in that
+    /// window can lose the newest records.
     pub fn save(&self, record: &Record) -> io::Result<()> {
         let path = self.path(&record.name);
         let tmp = self.ops_dir.join(format!(".{}.tmp", record.name));
@@ -71,8 +89,10 @@ impl Store {
             .mode(0o600)
             .open(&tmp)?;
         file.write_all(&data)?;
-        file.sync_data()?;
         fs::rename(&tmp, &path)?;
+        let (queue, wake) = &*self.unsynced;
+        queue.lock().unwrap().push(path);
+        wake.notify_one();
         Ok(())
     }
 
@@ -119,5 +139,37 @@ impl Store {
             .open(&path)?;
         file.write_all(content.as_bytes())?;
         Ok(path)
+    }
+}
+
+/// Flushes written records to disk in batches: each file, then the directory
+/// (which holds the renames).
+fn sync_loop(dir: &Path, unsynced: &(Mutex<Vec<PathBuf>>, Condvar)) {
+    let (queue, wake) = unsynced;
+    loop {
+        let batch = {
+            let mut pending = queue.lock().unwrap();
+            while pending.is_empty() {
+                pending = wake.wait(pending).unwrap();
+            }
+            drop(pending);
+            std::thread::sleep(SYNC_DELAY);
+            let mut pending = queue.lock().unwrap();
+            let mut batch = std::mem::take(&mut *pending);
+            batch.sort();
+            batch.dedup();
+            batch
+        };
+        for path in &batch {
+            // Gone already (removed or replaced again): nothing to flush.
+            if let Ok(file) = fs::File::open(path) {
+                if let Err(e) = file.sync_data() {
+                    tracing::error!(path = %path.display(), "cannot flush operation record: {e}");
+                }
+            }
+        }
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
     }
 }

@@ -19,6 +19,23 @@ pub fn random_bytes(buf: &mut [u8]) {
 /// The user's name and supplementary groups (including `gid`), as login
 /// would set them. A uid without a passwd entry gets just its primary group.
 pub fn groups_of(uid: u32, gid: u32) -> Vec<libc::gid_t> {
+    // Group databases are files (or a directory service): remember answers
+    // for a minute rather than parse them on every request.
+    type Cache = std::collections::HashMap<(u32, u32), (std::time::Instant, Vec<libc::gid_t>)>;
+    static CACHE: std::sync::Mutex<Option<Cache>> = std::sync::Mutex::new(None);
+    let mut cache = CACHE.lock().unwrap();
+    let cache = cache.get_or_insert_with(Cache::new);
+    if let Some((at, groups)) = cache.get(&(uid, gid)) {
+        if at.elapsed() < std::time::Duration::from_secs(60) {
+            return groups.clone();
+        }
+    }
+    let groups = lookup_groups(uid, gid);
+    cache.insert((uid, gid), (std::time::Instant::now(), groups.clone()));
+    groups
+}
+
+fn lookup_groups(uid: u32, gid: u32) -> Vec<libc::gid_t> {
     let Some(name) = user_name(uid) else {
         return vec![gid];
     };
@@ -50,32 +67,65 @@ fn user_name(uid: u32) -> Option<std::ffi::CString> {
     Some(unsafe { CStr::from_ptr(pwd.pw_name) }.to_owned())
 }
 
-/// Runs `f` on a fresh thread whose file-system credentials are the user's
+/// Runs `f` with the calling thread's credentials switched to the user's
 /// (uid, gid, supplementary groups), so the kernel judges every access it
-/// makes. Raw system calls change only the calling thread, unlike glibc's
-/// wrappers which apply to the whole process.
-pub fn as_user<T: Send + 'static>(
+/// makes, and switched back afterwards. Raw system calls change only the
+/// calling thread, unlike glibc's wrappers which apply to the whole process;
+/// the saved set-user-ID stays 0, which is what allows the way back.
+pub fn as_user<T>(
     uid: u32,
     gid: u32,
-    groups: Vec<libc::gid_t>,
-    f: impl FnOnce() -> T + Send + 'static,
+    groups: &[libc::gid_t],
+    f: impl FnOnce() -> T,
 ) -> io::Result<T> {
-    std::thread::Builder::new()
-        .name("as-user".into())
-        .spawn(move || {
-            // SAFETY: per-thread credential changes; `groups` is valid for its length.
-            unsafe {
-                if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0
-                    || libc::syscall(libc::SYS_setresgid, -1i32, gid, -1i32) != 0
-                    || libc::syscall(libc::SYS_setresuid, -1i32, uid, -1i32) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
+    /// Restores root's credentials even if `f` unwinds.
+    struct Restore(&'static [libc::gid_t]);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: per-thread credential changes back to what the thread had.
+            let ok = unsafe {
+                libc::syscall(libc::SYS_setresuid, -1i32, 0, -1i32) == 0
+                    && libc::syscall(libc::SYS_setresgid, -1i32, 0, -1i32) == 0
+                    && libc::syscall(libc::SYS_setgroups, self.0.len(), self.0.as_ptr()) == 0
+            };
+            if !ok {
+                // Serving anyone further with a user's identity would be worse.
+                eprintln!(
+                    "nnf-dm: cannot restore root credentials: {}",
+                    io::Error::last_os_error()
+                );
+                std::process::abort();
             }
-            Ok(f())
-        })?
-        .join()
-        .map_err(|_| io::Error::other("credential thread panicked"))?
+        }
+    }
+    let root_groups = root_groups();
+    // SAFETY: per-thread credential changes; `groups` is valid for its length.
+    unsafe {
+        if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let restore = Restore(root_groups);
+        if libc::syscall(libc::SYS_setresgid, -1i32, gid, -1i32) != 0
+            || libc::syscall(libc::SYS_setresuid, -1i32, uid, -1i32) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        let result = f();
+        drop(restore);
+        Ok(result)
+    }
+}
+
+/// The agent's own supplementary groups, taken once at first use.
+fn root_groups() -> &'static [libc::gid_t] {
+    static GROUPS: std::sync::OnceLock<Vec<libc::gid_t>> = std::sync::OnceLock::new();
+    GROUPS.get_or_init(|| {
+        let mut groups = vec![0 as libc::gid_t; 256];
+        // SAFETY: `groups` has room for the number of entries passed.
+        let n = unsafe { libc::getgroups(groups.len() as libc::c_int, groups.as_mut_ptr()) };
+        groups.truncate(n.max(0) as usize);
+        groups
+    })
 }
 
 /// Start time of a process in clock ticks since boot (`/proc/<pid>/stat`

@@ -192,7 +192,7 @@ fn install_and_remove_refused_when_not_root() {
     let dir = tempfile::tempdir().unwrap();
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let copy = dir.path().join("nnf-dm");
-    fs::copy(demo(), &copy).unwrap();
+    copy_executable(&demo(), &copy);
     let system_unit = Path::new("/etc/systemd/system/nnf-dm.service");
     let existed = system_unit.exists();
     for args in [&["install", "--node-name=n1"][..], &["remove"][..]] {
@@ -253,9 +253,9 @@ impl FakeSystemctl {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let script = dir.path().join("systemctl");
-        fs::write(
+        write_executable(
             &script,
-            r#"#!/bin/sh
+            br#"#!/bin/sh
 echo "$*" >> "$FAKE_LOG"
 case "$1" in
   is-active) [ "$FAKE_ACTIVE" = 1 ] && exit 0 || exit 3 ;;
@@ -263,9 +263,7 @@ case "$1" in
 esac
 exit 0
 "#,
-        )
-        .unwrap();
-        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        );
         FakeSystemctl { dir }
     }
 
@@ -372,4 +370,31 @@ fn installed_unit_passes_systemd_analyze_verify() {
         text(&out.stdout),
         text(&out.stderr)
     );
+}
+
+/// Creates an executable through another process: writing it here would let
+/// a child forked meanwhile by another test thread hold the write descriptor,
+/// and exec would fail with ETXTBSY.
+fn write_executable(path: &Path, content: &[u8]) {
+    let staging = path.with_extension("staging");
+    fs::write(&staging, content).unwrap();
+    let status = Command::new("install")
+        .arg("-m")
+        .arg("0755")
+        .arg(&staging)
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _ = fs::remove_file(&staging);
+}
+
+/// Copies an executable through another process (see `write_executable`).
+fn copy_executable(from: &Path, to: &Path) {
+    assert!(Command::new("cp")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap()
+        .success());
 }

@@ -41,9 +41,11 @@ use fuser::{
     SessionACL, TimeOrNow,
 };
 
-/// How long the kernel may cache entries and attributes. Removals are
-/// invalidated explicitly; one second bounds anything that slips through.
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may cache entries and attributes. Nodes never change
+/// owner or mode and every removal is invalidated explicitly (rmdir by the
+/// kernel itself), so the cache can be long: it saves a lookup per path
+/// component on every open.
+const TTL: Duration = Duration::from_secs(60);
 
 /// The identity of the process behind a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -768,8 +770,12 @@ impl Filesystem for Adapter {
         let fh = self.inner.next_fh.fetch_add(1, Ordering::Relaxed);
         self.inner.handles.lock().unwrap().insert(fh, handle);
         // Direct I/O: reads must reach us whatever the (zero) file size says,
-        // and never be served from a stale page cache.
-        reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
+        // and never be served from a stale page cache. No flush on close:
+        // every outcome is reported by write(2) itself.
+        reply.opened(
+            FileHandle(fh),
+            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_NOFLUSH,
+        );
     }
 
     fn read(

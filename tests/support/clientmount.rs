@@ -3,7 +3,6 @@
 //! the machine undoes it in `Drop`, so a failing assertion still cleans up.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::sleep;
@@ -131,8 +130,7 @@ pub fn mount_at(path: &Path) -> Option<Mount> {
 pub fn stub(bin: &Path, name: &str, body: &str) {
     fs::create_dir_all(bin).expect("stub dir");
     let path = bin.join(name);
-    fs::write(&path, format!("#!/bin/bash\n{body}\n")).expect("stub");
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod stub");
+    crate::write_executable(&path, format!("#!/bin/bash\n{body}\n").as_bytes());
 }
 
 /// Recording `lvchange`/`vgchange` stand-ins. `lvchange --activate y*

@@ -180,6 +180,8 @@ impl Agent {
             .arg(&self.mnt)
             .arg("--state-dir")
             .arg(&self.state)
+            .arg("--socket")
+            .arg(self.dir.path().join("nnf-dm.sock"))
             .args(&self.args)
             .env_remove("KUBERNETES_SERVICE_HOST")
             .env_remove("KUBERNETES_SERVICE_PORT")
@@ -298,3 +300,30 @@ pub fn python(script: &str) -> Output {
         .expect("run python3")
 }
 pub mod clientmount;
+
+/// Creates an executable file through another process. Writing it from this
+/// (multi-threaded) test process would let a child forked meanwhile by another
+/// test inherit the write descriptor, and exec would then fail with ETXTBSY.
+pub fn write_executable(path: &Path, content: &[u8]) {
+    let staging = path.with_extension("staging");
+    std::fs::write(&staging, content).expect("write staging file");
+    let status = Command::new("install")
+        .arg("-m")
+        .arg("0755")
+        .arg(&staging)
+        .arg(path)
+        .status()
+        .expect("run install");
+    assert!(status.success(), "install {}", path.display());
+    let _ = std::fs::remove_file(&staging);
+}
+
+/// Copies an executable through another process (see `write_executable`).
+pub fn copy_executable(from: &Path, to: &Path) {
+    let status = Command::new("cp")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("run cp");
+    assert!(status.success(), "cp {} {}", from.display(), to.display());
+}

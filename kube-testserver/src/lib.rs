@@ -1,0 +1,636 @@
+//! An in-process Kubernetes API server for the end-to-end tests of the NNF
+//! compute daemons.
+//!
+//! It serves the custom resources of `shared/crds` over HTTPS on a random
+//! loopback port with the semantics the daemons depend on (schema pruning,
+//! defaulting and validation, RBAC from `shared/rbac`, resourceVersion
+//! conflicts, the status subresource, finalizers, watches with bookmarks and
+//! `410 Gone`), so a daemon connects exactly as in production:
+//!
+//! ```text
+//! --kubernetes-service-host 127.0.0.1 --kubernetes-service-port <port>
+//! --service-token-file <token_file(account)> --service-cert-file <ca_file()>
+//! ```
+//!
+//! Test hooks seed and observe objects directly, and inject faults (server
+//! down, latency, error storms, expired watches).
+//!
+//! The API is deliberately narrow (start, connection facts, object hooks,
+//! faults) so that a later envtest mode can back the non-fault parts with a
+//! real kube-apiserver.
+
+mod crd;
+mod http;
+mod patch;
+mod rbac;
+mod schema;
+mod selector;
+mod store;
+mod util;
+
+pub use util::ApiError;
+
+use rbac::Account;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde_json::Value;
+use std::collections::VecDeque;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+use store::{Broadcast, FailRule, Faults, Shared, Store};
+
+/// Handle of the cluster administrator (group `system:masters`).
+pub const ADMIN: &str = "admin";
+/// Handle of nnf-dm's service account `nnf-dm-system/nnf-dm-daemon`.
+pub const NNF_DM: &str = "nnf-dm-daemon";
+/// Handle of clientmountd's service account `nnf-system/nnf-clientmount`.
+pub const CLIENTMOUNT: &str = "nnf-clientmount";
+
+/// A user the server accepts, with its bearer token.
+#[derive(Debug, Clone)]
+pub struct AccountSpec {
+    /// Handle for [`TestServer::token_file`] and request-log records.
+    pub id: String,
+    /// User name as RBAC reports it.
+    pub user: String,
+    /// ClusterRole JSON bound to the user cluster-wide; `None` = admin.
+    pub cluster_role: Option<PathBuf>,
+}
+
+/// Server configuration. [`Config::default`] loads the CRDs and roles of the
+/// shared directory and creates the admin and the two daemon accounts.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Holds `crds/*.json` and `rbac/*.json`.
+    pub shared_dir: PathBuf,
+    pub accounts: Vec<AccountSpec>,
+    /// Watch events kept for resuming from a resourceVersion; older ones
+    /// answer `410 Gone`.
+    pub history_limit: usize,
+    /// How often a watch with `allowWatchBookmarks` gets a BOOKMARK (the real
+    /// server: about a minute; shorter here so tests see them).
+    pub bookmark_interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let shared = Self::shared_dir_default();
+        let role = |f: &str| Some(shared.join("rbac").join(f));
+        Config {
+            accounts: vec![
+                AccountSpec {
+                    id: ADMIN.into(),
+                    user: "kubernetes-admin".into(),
+                    cluster_role: None,
+                },
+                AccountSpec {
+                    id: NNF_DM.into(),
+                    user: "system:serviceaccount:nnf-dm-system:nnf-dm-daemon".into(),
+                    cluster_role: role("nnf-dm-daemon-clusterrole.json"),
+                },
+                AccountSpec {
+                    id: CLIENTMOUNT.into(),
+                    user: "system:serviceaccount:nnf-system:nnf-clientmount".into(),
+                    cluster_role: role("clientmount-clusterrole.json"),
+                },
+            ],
+            shared_dir: shared,
+            history_limit: 1000,
+            bookmark_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Config {
+    /// `$NNF_SHARED_DIR`, else `<workspace>/../shared`.
+    pub fn shared_dir_default() -> PathBuf {
+        match std::env::var_os("NNF_SHARED_DIR") {
+            Some(d) if !d.is_empty() => PathBuf::from(d),
+            _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"),
+        }
+    }
+
+    pub fn history_limit(mut self, n: usize) -> Self {
+        self.history_limit = n.max(1);
+        self
+    }
+
+    pub fn bookmark_interval(mut self, d: Duration) -> Self {
+        self.bookmark_interval = d;
+        self
+    }
+
+    /// Adds (or replaces) an account.
+    pub fn account(mut self, id: &str, user: &str, cluster_role: Option<PathBuf>) -> Self {
+        self.accounts.retain(|a| a.id != id);
+        self.accounts.push(AccountSpec {
+            id: id.into(),
+            user: user.into(),
+            cluster_role,
+        });
+        self
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventType {
+    Added,
+    Modified,
+    Deleted,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Added => "ADDED",
+            EventType::Modified => "MODIFIED",
+            EventType::Deleted => "DELETED",
+        }
+    }
+}
+
+/// A change seen from the test side (every write, whoever made it).
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub event_type: EventType,
+    pub kind: String,
+    /// "" for cluster-scoped kinds.
+    pub namespace: String,
+    pub name: String,
+    /// The object after the change (its last state for `Deleted`), in the
+    /// storage version.
+    pub object: Value,
+}
+
+/// One HTTP request as the server saw it.
+#[derive(Debug, Clone)]
+pub struct RequestRecord {
+    /// When the request arrived (before any injected latency).
+    pub at: Instant,
+    pub time: SystemTime,
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+    /// Account handle, `None` when unauthenticated.
+    pub account: Option<String>,
+    /// RBAC verb (`get`, `list`, `watch`, `create`, ...) for resource requests.
+    pub verb: Option<String>,
+    /// Plural, with `/status` for the subresource.
+    pub resource: Option<String>,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    /// HTTP status of the response (200 for a watch that started).
+    pub status: u16,
+}
+
+/// The running server. Dropping it stops the server and removes its files.
+pub struct TestServer {
+    shared: Arc<Shared>,
+    port: u16,
+    dir: tempfile::TempDir,
+    ca_pem: String,
+    ca_der: Vec<u8>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Pki {
+    ca_pem: String,
+    ca_der: Vec<u8>,
+    cert_chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+fn make_pki() -> Result<Pki, rcgen::Error> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "kube-testserver-ca");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate()?;
+    let mut srv = CertificateParams::new(vec![
+        "127.0.0.1".to_string(),
+        "localhost".to_string(),
+        "kubernetes".to_string(),
+        "kubernetes.default.svc".to_string(),
+    ])?;
+    srv.distinguished_name
+        .push(DnType::CommonName, "kube-apiserver");
+    srv.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    srv.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    let srv_cert = srv.signed_by(&key, &issuer)?;
+    Ok(Pki {
+        ca_pem: ca_cert.pem(),
+        ca_der: ca_cert.der().to_vec(),
+        cert_chain: vec![srv_cert.der().clone()],
+        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl TestServer {
+    /// Starts a server; panics with the reason if it cannot (a test fixture).
+    pub fn start(config: Config) -> TestServer {
+        Self::try_start(config).unwrap_or_else(|e| panic!("kube-testserver: {e}"))
+    }
+
+    pub fn try_start(config: Config) -> Result<TestServer, String> {
+        let registry = crd::Registry::load_dir(&config.shared_dir.join("crds"))?;
+        let dir = tempfile::Builder::new()
+            .prefix("kube-testserver-")
+            .tempdir()
+            .map_err(|e| format!("creating temp dir: {e}"))?;
+        let mut accounts = Vec::new();
+        for a in &config.accounts {
+            let rules = match &a.cluster_role {
+                Some(p) => Some(rbac::load_cluster_role(p)?),
+                None => None,
+            };
+            let token = util::random_hex(24);
+            // No trailing newline: kube-rs does not trim token files.
+            std::fs::write(dir.path().join(format!("{}.token", a.id)), &token)
+                .map_err(|e| format!("writing token file: {e}"))?;
+            accounts.push(Account {
+                id: a.id.clone(),
+                user: a.user.clone(),
+                token,
+                rules,
+            });
+        }
+        let pki = make_pki().map_err(|e| format!("generating certificates: {e}"))?;
+        std::fs::write(dir.path().join("ca.crt"), &pki.ca_pem)
+            .map_err(|e| format!("writing CA file: {e}"))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS setup: {e}"))?
+            .with_no_client_auth()
+            .with_single_cert(pki.cert_chain, pki.key)
+            .map_err(|e| format!("TLS setup: {e}"))?;
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+
+        let std_listener = std::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .map_err(|e| format!("binding 127.0.0.1: {e}"))?;
+        std_listener
+            .set_nonblocking(true)
+            .map_err(|e| format!("listener: {e}"))?;
+        let port = std_listener
+            .local_addr()
+            .map_err(|e| format!("listener: {e}"))?
+            .port();
+
+        let n_res = registry.resources.len();
+        let (events, _) = tokio::sync::broadcast::channel(8192);
+        let (down, _) = tokio::sync::watch::channel(false);
+        let shared = Arc::new(Shared {
+            registry,
+            accounts,
+            store: Mutex::new(Store {
+                rv: 1,
+                objects: vec![Default::default(); n_res],
+                history: VecDeque::new(),
+                history_limit: config.history_limit.max(1),
+                compacted: 0,
+                subscribers: Vec::new(),
+            }),
+            changed: Condvar::new(),
+            events,
+            faults: Mutex::new(Faults::default()),
+            down,
+            log: Mutex::new(Vec::new()),
+            bookmark_interval: config.bookmark_interval,
+        });
+        let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("tokio runtime: {e}"))?;
+        let srv_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("kube-testserver-{port}"))
+            .spawn(move || {
+                rt.block_on(async move {
+                    match tokio::net::TcpListener::from_std(std_listener) {
+                        Ok(l) => http::serve(l, acceptor, srv_shared, shutdown_rx).await,
+                        Err(e) => eprintln!("kube-testserver: listener: {e}"),
+                    }
+                });
+            })
+            .map_err(|e| format!("spawning server thread: {e}"))?;
+        Ok(TestServer {
+            shared,
+            port,
+            dir,
+            ca_pem: pki.ca_pem,
+            ca_der: pki.ca_der,
+            shutdown,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn host(&self) -> &str {
+        "127.0.0.1"
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `https://127.0.0.1:<port>`
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// PEM file of the CA that signed the serving certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// The CA certificate, DER (what `kube::Config::root_cert` takes).
+    pub fn ca_der(&self) -> &[u8] {
+        &self.ca_der
+    }
+
+    /// File holding the account's bearer token (no trailing newline).
+    /// Panics on an unknown account handle.
+    pub fn token_file(&self, account: &str) -> PathBuf {
+        self.account(account);
+        self.dir.path().join(format!("{account}.token"))
+    }
+
+    pub fn token(&self, account: &str) -> String {
+        self.account(account).token.clone()
+    }
+
+    /// The user name RBAC sees for an account handle.
+    pub fn user(&self, account: &str) -> String {
+        self.account(account).user.clone()
+    }
+
+    fn account(&self, id: &str) -> &Account {
+        self.shared
+            .accounts
+            .iter()
+            .find(|a| a.id == id)
+            .unwrap_or_else(|| panic!("kube-testserver: no account {id:?}"))
+    }
+
+    fn res_id(&self, kind: &str) -> usize {
+        self.shared
+            .res_id_by_name(kind)
+            .unwrap_or_else(|| panic!("kube-testserver: no resource {kind:?}"))
+    }
+
+    /// The current (global) resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.shared.lock_store().rv
+    }
+
+    /// Creates or replaces an object as given, status included, bypassing
+    /// RBAC but not the schema (unknown fields are an error here, so a test
+    /// cannot seed something the real server would silently change).
+    /// `metadata.namespace` defaults to `default`. Panics if rejected.
+    pub fn put_object(&self, obj: Value) -> Value {
+        self.try_put_object(obj)
+            .unwrap_or_else(|e| panic!("kube-testserver: put_object: {e}"))
+    }
+
+    pub fn try_put_object(&self, obj: Value) -> Result<Value, ApiError> {
+        self.shared.put_whole(obj)
+    }
+
+    /// `kind`: Kind, plural, singular or `<plural>.<group>`; `namespace` ""
+    /// for cluster-scoped kinds. Storage version.
+    pub fn get_object(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+        let id = self.res_id(kind);
+        self.shared.lock_store().objects[id]
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    /// All objects of a kind, in one namespace or all (`None`).
+    pub fn objects(&self, kind: &str, namespace: Option<&str>) -> Vec<Value> {
+        let id = self.res_id(kind);
+        self.shared.lock_store().objects[id]
+            .iter()
+            .filter(|((ns, _), _)| namespace.is_none_or(|n| n == ns))
+            .map(|(_, o)| o.clone())
+            .collect()
+    }
+
+    /// Read-modify-write of a whole object (status included) as one
+    /// update; finalizer semantics apply (removing the last finalizer of a
+    /// deleting object deletes it). `None` if the object does not exist.
+    pub fn modify_object(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        f: impl FnOnce(&mut Value),
+    ) -> Option<Result<Value, ApiError>> {
+        let id = self.res_id(kind);
+        let def = self.shared.res(id).clone();
+        let mut obj = self.get_object(kind, namespace, name)?;
+        let rv = obj["metadata"]["resourceVersion"].clone();
+        f(&mut obj);
+        // Pinned to the version read: a concurrent writer makes this a 409
+        // rather than a silent lost update.
+        obj["metadata"]["resourceVersion"] = rv;
+        let opts = store::WriteOpts {
+            field_validation: store::FieldValidation::Strict,
+            dry_run: false,
+        };
+        Some(
+            self.shared
+                .update(
+                    id,
+                    &def.storage_version,
+                    namespace,
+                    name,
+                    obj,
+                    store::Mode::Whole,
+                    &opts,
+                    true,
+                )
+                .map(|w| w.obj),
+        )
+    }
+
+    /// Deletes as a client would (finalizers honoured). Returns what the API
+    /// returns: the object while finalizers hold it, else a Status.
+    pub fn delete_object(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Value, ApiError> {
+        let id = self.res_id(kind);
+        let v = self.shared.res(id).storage_version.clone();
+        self.shared.delete(id, &v, namespace, name, &Value::Null)
+    }
+
+    /// Blocks until an object of `kind` (in `namespace`, or any) satisfies
+    /// `pred`, or the timeout passes.
+    pub fn wait_for(
+        &self,
+        kind: &str,
+        namespace: Option<&str>,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Option<Value> {
+        let id = self.res_id(kind);
+        let deadline = Instant::now() + timeout;
+        let mut st = self.shared.lock_store();
+        loop {
+            let hit = st.objects[id]
+                .iter()
+                .filter(|((ns, _), _)| namespace.is_none_or(|n| n == ns))
+                .map(|(_, o)| o)
+                .find(|o| pred(o));
+            if let Some(o) = hit {
+                return Some(o.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            st = self
+                .shared
+                .changed
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Blocks until no object of `kind` named `name` exists in `namespace`.
+    pub fn wait_gone(&self, kind: &str, namespace: &str, name: &str, timeout: Duration) -> bool {
+        let id = self.res_id(kind);
+        let deadline = Instant::now() + timeout;
+        let key = (namespace.to_string(), name.to_string());
+        let mut st = self.shared.lock_store();
+        loop {
+            if !st.objects[id].contains_key(&key) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = self
+                .shared
+                .changed
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Every later change of `kind`, in order.
+    pub fn subscribe(&self, kind: &str) -> mpsc::Receiver<Change> {
+        let id = self.res_id(kind);
+        let (tx, rx) = mpsc::channel();
+        self.shared.lock_store().subscribers.push((id, tx));
+        rx
+    }
+
+    /// Calls `f` for every later change of `kind`, on a thread of its own
+    /// (so `f` may call back into the server, e.g. to move a status on like
+    /// a Rabbit would). The thread ends with the server.
+    pub fn on_change(&self, kind: &str, mut f: impl FnMut(Change) + Send + 'static) {
+        let rx = self.subscribe(kind);
+        std::thread::spawn(move || {
+            while let Ok(c) = rx.recv() {
+                f(c);
+            }
+        });
+    }
+
+    /// Every request so far.
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        lock(&self.shared.log).clone()
+    }
+
+    pub fn clear_requests(&self) {
+        lock(&self.shared.log).clear();
+    }
+
+    /// Down: open connections (watches included) are closed and new ones are
+    /// closed at accept, until `set_down(false)`.
+    pub fn set_down(&self, down: bool) {
+        self.shared.down.send_replace(down);
+    }
+
+    /// Delay before every request is handled.
+    pub fn set_latency(&self, latency: Duration) {
+        lock(&self.shared.faults).latency = latency;
+    }
+
+    /// The next `n` requests (any verb but watch) fail with `status` and the
+    /// Status the real server sends with that code.
+    pub fn fail_next_with(&self, status: u16, n: usize) {
+        self.fail_next_matching(None, None, status, n);
+    }
+
+    /// Like [`fail_next_with`](Self::fail_next_with), limited to one RBAC
+    /// verb (`update`, `patch`, `create`, `watch`, ...) and/or resource
+    /// (`nnfdatamovements`, `clientmounts/status`, ...).
+    pub fn fail_next_matching(
+        &self,
+        verb: Option<&str>,
+        resource: Option<&str>,
+        status: u16,
+        n: usize,
+    ) {
+        lock(&self.shared.faults).fails.push(FailRule {
+            verb: verb.map(str::to_string),
+            resource: resource.map(str::to_string),
+            status,
+            remaining: n,
+        });
+    }
+
+    /// Ends every open watch with a `410 Gone` ERROR event and forgets the
+    /// event history, so resuming from any earlier resourceVersion is 410
+    /// too (what an etcd compaction does).
+    pub fn expire_watches(&self) {
+        let mut st = self.shared.lock_store();
+        st.history.clear();
+        st.compacted = st.rv;
+        let _ = self.shared.events.send(Broadcast::Expire);
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shared.down.send_replace(true);
+        self.shutdown.send_replace(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
