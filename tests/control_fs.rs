@@ -1186,3 +1186,72 @@ fn a_removed_operation_is_gone_from_the_kernel_cache() {
         .unwrap()
         .contains("destination=/tmp/y"));
 }
+
+#[test]
+fn special_files_are_skipped_with_a_note_and_holes_are_kept() {
+    let agent = Agent::start(&[]);
+    let src = agent.dir.path().join("special");
+    std::fs::create_dir(&src).unwrap();
+    sh(&format!(
+        "mkfifo {0}/pipe && truncate -s 64M {0}/sparse && echo tail >> {0}/sparse",
+        src.display()
+    ));
+    let dst = agent.dir.path().join("special-out");
+    agent.request(&format!(
+        "name=sp source={} destination={}",
+        src.display(),
+        dst.display()
+    ));
+    let status = agent.wait_completed("sp", LONG);
+    assert_eq!(field(&status, "status").unwrap(), "success", "{status}");
+    let message = agent.read("sp/message").unwrap();
+    assert!(
+        message.contains("skipped special file") && message.contains("pipe"),
+        "{message}"
+    );
+    assert!(!dst.join("pipe").exists());
+    let copied = std::fs::metadata(dst.join("sparse")).unwrap();
+    assert_eq!(copied.len(), 64 * 1024 * 1024 + 5);
+    assert!(
+        copied.blocks() * 512 < 1024 * 1024,
+        "the hole was kept: {} blocks",
+        copied.blocks()
+    );
+    assert!(sh(&format!(
+        "cmp {0}/sparse {1}/sparse",
+        src.display(),
+        dst.display()
+    ))
+    .status
+    .success());
+}
+
+#[test]
+fn json_logs_carry_the_operation_and_user_on_every_line() {
+    let agent = Agent::start(&["--log-format", "json"]);
+    let u = user("nnfdmt2");
+    agent.request_as(
+        &u,
+        "name=logged source=/etc/hostname destination=/tmp/nnf-dm-log-test dryrun=1",
+    );
+    agent.wait_completed("logged", LONG);
+    agent.request_as(&u, "name=bad source=relative destination=/x");
+    let log = agent.log();
+    let mut about_ops = 0;
+    for line in log.lines() {
+        let event: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let fields = &event["fields"];
+        let message = fields["message"].as_str().unwrap_or_default();
+        if message.contains("operation created") || message.contains("copy completed") {
+            about_ops += 1;
+            assert_eq!(fields["op"], "logged", "{line}");
+            assert_eq!(fields["user"], u.uid, "{line}");
+        }
+        if message.contains("request rejected") {
+            assert_eq!(fields["user"], u.uid, "{line}");
+            assert_eq!(fields["errno"], "EINVAL", "{line}");
+        }
+    }
+    assert!(about_ops >= 2, "{log}");
+}

@@ -70,6 +70,11 @@ pub trait Backend: Send + Sync + 'static {
     fn cancel(&self, op: &Arc<Operation>);
     /// Forget a completed operation's record.
     fn remove(&self, op: &Operation) -> Result<(), Rejection>;
+    /// Whether `prepare`/`accept` may wait on the network: then a write to
+    /// `request` is handled off the filesystem's dispatch threads.
+    fn blocking(&self) -> bool {
+        false
+    }
 }
 
 pub struct AgentConfig {
@@ -213,7 +218,8 @@ impl Agent {
         let op = Arc::new(self.backend().prepare(who, name.clone(), request)?);
         self.register(op.clone())?;
         if let Err(rejection) = self.backend().accept(op.clone()) {
-            self.unregister(&op);
+            // Inside the write callback of `request`: the kernel is told later.
+            self.unregister(&op, false);
             return Err(rejection);
         }
         tracing::info!(op = %name, user = who.uid, source = %op.request.source, destination = %op.request.destination, "operation created");
@@ -251,7 +257,7 @@ impl Agent {
     pub fn delete(&self, uid: u32, name: &str) -> Result<(), Errno> {
         let op = self.remove_op(uid, name)?;
         if let Some(node) = op.node.get() {
-            self.fs.remove(*node);
+            self.fs.remove_now(*node);
         }
         Ok(())
     }
@@ -292,7 +298,16 @@ impl Agent {
         Ok(())
     }
 
-    fn unregister(&self, op: &Operation) {
+    /// Makes an operation disappear without asking the backend (its record
+    /// is already gone, e.g. a resource deleted by someone else).
+    pub fn forget(&self, op: &Operation) {
+        op.removed.store(true, std::sync::atomic::Ordering::Release);
+        self.unregister(op, true);
+    }
+
+    /// Forgets an operation; `now` waits until the kernel forgot it too (not
+    /// allowed from a FUSE callback).
+    fn unregister(&self, op: &Operation, now: bool) {
         let mut registry = self.registry.write().unwrap();
         if registry.ops.remove(&op.name).is_some() {
             if let Some(count) = registry.per_user.get_mut(&op.uid) {
@@ -301,7 +316,11 @@ impl Agent {
         }
         drop(registry);
         if let Some(node) = op.node.get() {
-            self.fs.remove(*node);
+            if now {
+                self.fs.remove_now(*node);
+            } else {
+                self.fs.remove(*node);
+            }
         }
     }
 
@@ -427,7 +446,7 @@ impl Agent {
             .collect();
         for op in expired {
             if self.backend().remove(&op).is_ok() {
-                self.unregister(&op);
+                self.unregister(&op, true);
                 tracing::info!(op = %op.name, user = op.uid, "operation expired after the retention period");
             }
         }
@@ -472,12 +491,46 @@ impl FileOps for RequestFile {
             gid: caller.gid,
             pid: caller.pid,
         };
-        match agent.create(&who, data) {
-            Ok(name) => done.finish(Ok(()), format!("{name}\n").into_bytes()),
-            Err(rejection) => {
-                let reply = format!("error: {}\n", rejection.reason.replace('\n', " "));
-                done.finish(Err(rejection.errno), reply.into_bytes());
-            }
+        if !agent.backend().blocking() {
+            return finish_create(agent.create(&who, data), done);
+        }
+        // The backend waits on the network: never on a dispatch thread. The
+        // write stays unanswered (the writer blocked) until the backend is
+        // done or its own timeout passed.
+        static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        use std::sync::atomic::Ordering::AcqRel;
+        if IN_FLIGHT.fetch_add(1, AcqRel) >= MAX_CREATES_IN_FLIGHT {
+            IN_FLIGHT.fetch_sub(1, AcqRel);
+            let rejection = Rejection::new(
+                Errno::EAGAIN,
+                format!("{MAX_CREATES_IN_FLIGHT} requests are already being created: try again"),
+            );
+            agent.reject(&who, &rejection);
+            return finish_create(Err(rejection), done);
+        }
+        let data = data.to_vec();
+        let spawned = std::thread::Builder::new()
+            .name("create".into())
+            .spawn(move || {
+                finish_create(agent.create(&who, &data), done);
+                IN_FLIGHT.fetch_sub(1, AcqRel);
+            });
+        if spawned.is_err() {
+            IN_FLIGHT.fetch_sub(1, AcqRel);
+            // `done` went down with the closure: the write fails with EIO.
+        }
+    }
+}
+
+/// Requests a blocking backend works on at once; more fail with EAGAIN.
+const MAX_CREATES_IN_FLIGHT: usize = 256;
+
+fn finish_create(result: Result<String, Rejection>, done: WriteDone) {
+    match result {
+        Ok(name) => done.finish(Ok(()), format!("{name}\n").into_bytes()),
+        Err(rejection) => {
+            let reply = format!("error: {}\n", rejection.reason.replace('\n', " "));
+            done.finish(Err(rejection.errno), reply.into_bytes());
         }
     }
 }

@@ -4,6 +4,7 @@ mod agent;
 mod cli;
 mod environ;
 mod grpc;
+mod kube;
 mod local;
 mod op;
 mod profiles;
@@ -124,6 +125,10 @@ struct KubeArgs {
     kubernetes_burst: Option<u32>,
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
+    /// How long a request may wait for the Kubernetes API server before it
+    /// fails with EAGAIN [default: 10s].
+    #[arg(long, value_parser = timefmt::parse_duration)]
+    kubernetes_timeout: Option<Duration>,
 }
 
 impl KubeArgs {
@@ -150,6 +155,7 @@ impl KubeArgs {
         note(self.kubernetes_qps.is_some(), "--kubernetes-qps");
         note(self.kubernetes_burst.is_some(), "--kubernetes-burst");
         note(self.kubeconfig.is_some(), "--kubeconfig");
+        note(self.kubernetes_timeout.is_some(), "--kubernetes-timeout");
         given
     }
 }
@@ -207,10 +213,7 @@ fn run(args: RunArgs) -> Result<(), String> {
         BackendKind::Kubernetes
     });
     if backend == BackendKind::Kubernetes {
-        return Err(
-            "the kubernetes backend is not available in this build yet; run with --backend local"
-                .into(),
-        );
+        return run_kube(args);
     }
     if let Some(flag) = kube_given.first() {
         return Err(format!("{flag} is not supported by the local backend"));
@@ -243,6 +246,71 @@ fn run(args: RunArgs) -> Result<(), String> {
         agent.notify(),
     );
     agent.install(backend.clone() as Arc<dyn agent::Backend>);
+    prepare_mountpoint(&args)?;
+    let restored = backend.recover(&agent).map_err(|e| {
+        format!(
+            "cannot read the state directory {}: {e}",
+            args.state_dir.display()
+        )
+    })?;
+
+    serve(&agent, &args, "local", restored, signals, |agent| {
+        let retention = args.retention;
+        let expiring = Arc::downgrade(agent);
+        std::thread::Builder::new()
+            .name("retention".into())
+            .spawn(move || {
+                let period = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+                loop {
+                    std::thread::sleep(period);
+                    match expiring.upgrade() {
+                        Some(agent) => agent.expire(),
+                        None => return,
+                    }
+                }
+            })
+            .map(drop)
+            .map_err(|e| format!("cannot start the retention thread: {e}"))
+    })
+}
+
+/// The Kubernetes backend: connect (startup checks, exit 1 on failure), list
+/// what this node created, then serve the same doors as the local backend.
+fn run_kube(args: RunArgs) -> Result<(), String> {
+    if args.profiles.is_some() {
+        return Err("--profiles is not supported by the kubernetes backend (its profiles are the NnfDataMovementProfiles in nnf-system)".into());
+    }
+    let k = &args.kube;
+    let settings = kube::KubeSettings {
+        connection: kube_connect::Connection {
+            host: k.kubernetes_service_host.clone(),
+            port: k.kubernetes_service_port.clone(),
+            token_file: k.service_token_file.clone(),
+            cert_file: k.service_cert_file.clone(),
+            kubeconfig: k.kubeconfig.clone(),
+            qps: Some(k.kubernetes_qps.unwrap_or(50.0)),
+            burst: Some(k.kubernetes_burst.unwrap_or(100)),
+        },
+        node: kube_connect::node_name(k.node_name.clone()),
+        rabbit: k.nnf_node_name.clone(),
+        sys_config: k.sys_config.clone().unwrap_or_else(|| "default".into()),
+        timeout: k.kubernetes_timeout.unwrap_or(Duration::from_secs(10)),
+    };
+    // Block the signals before the backend's runtime starts its threads.
+    let signals = sys_signals::block(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP]);
+    let agent = Agent::new(AgentConfig {
+        max_ops_per_user: args.max_ops_per_user,
+        retention: args.retention,
+    });
+    let backend = kube::KubeBackend::connect(settings, agent.notify())?;
+    agent.install(backend.clone() as Arc<dyn agent::Backend>);
+    prepare_mountpoint(&args)?;
+    backend.start(&agent);
+    let restored = agent.list(0).len();
+    serve(&agent, &args, "kubernetes", restored, signals, |_| Ok(()))
+}
+
+fn prepare_mountpoint(args: &RunArgs) -> Result<(), String> {
     if fuse_ctl::clean_stale_mount(&args.mountpoint).map_err(|e| {
         format!(
             "cannot clean the stale mount at {}: {e}",
@@ -256,14 +324,18 @@ fn run(args: RunArgs) -> Result<(), String> {
             "cannot create the mount point {}: {e}",
             args.mountpoint.display()
         )
-    })?;
-    let restored = backend.recover(&agent).map_err(|e| {
-        format!(
-            "cannot read the state directory {}: {e}",
-            args.state_dir.display()
-        )
-    })?;
+    })
+}
 
+/// Opens both doors, runs `extra`, and serves until a signal.
+fn serve(
+    agent: &Arc<Agent>,
+    args: &RunArgs,
+    backend: &str,
+    restored: usize,
+    signals: libc::sigset_t,
+    extra: impl FnOnce(&Arc<Agent>) -> Result<(), String>,
+) -> Result<(), String> {
     // Both doors open before either is announced: the socket first, so a
     // client that saw the mount can also connect.
     let _grpc = if args.socket.as_os_str().is_empty() {
@@ -278,23 +350,9 @@ fn run(args: RunArgs) -> Result<(), String> {
             args.mountpoint.display()
         )
     })?;
-    tracing::info!(mountpoint = %args.mountpoint.display(), backend = "local", restored, "nnf-dm serving");
+    tracing::info!(mountpoint = %args.mountpoint.display(), backend, restored, "nnf-dm serving");
 
-    let retention = args.retention;
-    let expiring = Arc::downgrade(&agent);
-    std::thread::Builder::new()
-        .name("retention".into())
-        .spawn(move || {
-            let period = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
-            loop {
-                std::thread::sleep(period);
-                match expiring.upgrade() {
-                    Some(agent) => agent.expire(),
-                    None => return,
-                }
-            }
-        })
-        .map_err(|e| format!("cannot start the retention thread: {e}"))?;
+    extra(agent)?;
 
     let signal = sys_signals::wait(&signals);
     tracing::info!(signal, "unmounting and exiting");

@@ -1,12 +1,13 @@
 //! `clientmountd`: mounts and unmounts the Rabbit file systems described by
 //! ClientMount resources on a compute node and reports their status.
 //!
-//! This build runs the embedded `--spec-dir DIR` mode only; the Kubernetes
-//! flags are accepted so that unit files written for the Kubernetes mode
-//! fail with a clear message rather than a parse error.
+//! Two drivers on one reconcile core: Kubernetes (the default; ClientMounts
+//! watched in namespaces `<node>` and `default`) and the embedded
+//! `--spec-dir DIR` mode (JSON files, no API server).
 
 mod exec;
 mod inotify;
+mod kubemode;
 mod mount;
 mod mountinfo;
 mod plan;
@@ -138,16 +139,18 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
-fn host_name() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most buf.len() bytes into buf.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
-    if rc != 0 {
-        return String::new();
+/// glibc gives every thread that mallocs its own arena and keeps the
+/// arenas' memory after the thread exits: after a burst of concurrent
+/// reconciles (one thread each) the idle daemon would stay tens of MiB
+/// larger. Two arenas are plenty for a daemon whose work is waiting on
+/// external commands.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator; called before any other
+    // thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    let name = String::from_utf8_lossy(&buf[..end]).into_owned();
-    name.split('.').next().unwrap_or("").to_string()
 }
 
 fn init_logging(format: LogFormat) {
@@ -172,44 +175,62 @@ fn main() -> ExitCode {
     // Before any thread exists, so every thread inherits the mask and the
     // signals are only ever taken by the daemon's sigwait thread.
     specdir::block_signals();
+    limit_malloc_arenas();
     init_logging(cli.log_format);
 
-    let Some(spec_dir) = cli.spec_dir else {
-        let given = cli.kubernetes_service_host.is_some()
-            || cli.kubernetes_service_port.is_some()
-            || cli.service_token_file.is_some()
-            || cli.service_cert_file.is_some()
-            || cli.kubeconfig.is_some();
-        let why = if given {
-            "Kubernetes settings given"
-        } else {
-            "no --spec-dir given"
-        };
-        eprintln!(
-            "clientmountd: {why}: Kubernetes mode not yet supported in this build; use --spec-dir DIR"
-        );
-        return ExitCode::from(1);
+    let conn = kube_connect::Connection {
+        host: cli.kubernetes_service_host,
+        port: cli.kubernetes_service_port,
+        token_file: cli.service_token_file,
+        cert_file: cli.service_cert_file,
+        kubeconfig: cli.kubeconfig,
+        qps: None,
+        burst: None,
     };
-    if cli.kubernetes_service_host.is_some() || cli.kubeconfig.is_some() {
+    if cli.spec_dir.is_some() && conn.given() {
         tracing::info!("--spec-dir given: Kubernetes settings are ignored");
     }
-    let node = cli
-        .node_name
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(host_name);
+    if cli.spec_dir.is_none() {
+        // Startup checks before anything runs: a broken installation fails
+        // here, with the flag to fix, rather than with 401s later.
+        if let Err(e) = conn.check() {
+            eprintln!("clientmountd: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    let node = kube_connect::node_name(cli.node_name);
+    if node.is_empty() && cli.spec_dir.is_none() {
+        // An empty namespace would mean a watch over every namespace.
+        eprintln!("clientmountd: cannot determine the node name: give --node-name or NODE_NAME");
+        return ExitCode::from(1);
+    }
     let cfg = Arc::new(mount::Config {
         command_timeout: cli.command_timeout,
         device_wait: cli.device_wait,
         device_dir: cli.device_dir,
         shutdown: AtomicBool::new(false),
     });
-    tracing::info!(
-        node = %node,
-        version = env!("CARGO_PKG_VERSION"),
-        command_timeout = ?cfg.command_timeout,
-        "clientmountd starting in spec-dir mode"
-    );
-    match specdir::run(spec_dir, cfg, node) {
+    let result = match cli.spec_dir {
+        Some(spec_dir) => {
+            tracing::info!(
+                node = %node,
+                version = env!("CARGO_PKG_VERSION"),
+                command_timeout = ?cfg.command_timeout,
+                "clientmountd starting in spec-dir mode"
+            );
+            specdir::run(spec_dir, cfg, node)
+        }
+        None => {
+            tracing::info!(
+                node = %node,
+                version = env!("CARGO_PKG_VERSION"),
+                command_timeout = ?cfg.command_timeout,
+                "clientmountd starting in Kubernetes mode"
+            );
+            kubemode::run(conn, cfg, node)
+        }
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "clientmountd failed");

@@ -105,7 +105,7 @@ fn load_others(dir: &Path) -> (Vec<NnfStorageProfile>, Vec<Servers>) {
 /// The Servers object of the ClientMount's directive: the only one whose
 /// workflow and directive-index labels agree with the ClientMount's (a
 /// label the ClientMount lacks is not compared).
-fn pick_servers<'a>(cm: &ClientMount, all: &'a [Servers]) -> Option<&'a Servers> {
+pub(crate) fn pick_servers<'a>(cm: &ClientMount, all: &'a [Servers]) -> Option<&'a Servers> {
     let keys = [
         labels::WORKFLOW_NAME,
         labels::WORKFLOW_NAMESPACE,
@@ -175,18 +175,18 @@ fn remove_status(dir: &Path, name: &str) -> std::io::Result<()> {
 /// the same path at once. All of a ClientMount's paths are taken together,
 /// so there is no lock-order deadlock.
 #[derive(Default)]
-struct PathLocks {
+pub(crate) struct PathLocks {
     held: Mutex<HashSet<PathBuf>>,
     freed: Condvar,
 }
 
-struct PathGuard<'a> {
+pub(crate) struct PathGuard<'a> {
     locks: &'a PathLocks,
     paths: Vec<PathBuf>,
 }
 
 impl PathLocks {
-    fn lock(&self, cm: &ClientMount) -> PathGuard<'_> {
+    pub(crate) fn lock(&self, cm: &ClientMount) -> PathGuard<'_> {
         let paths: Vec<PathBuf> = cm
             .spec
             .mounts
@@ -402,6 +402,13 @@ pub fn block_signals() {
 }
 
 fn spawn_signal_thread(tx: Sender<Event>) {
+    spawn_sigwait_thread(move || tx.send(Event::Shutdown).is_ok());
+}
+
+/// A thread taking SIGTERM/SIGINT (blocked by [`block_signals`]) with
+/// `sigwait`; `on_signal` returns false to end the thread. Shared with the
+/// Kubernetes driver.
+pub(crate) fn spawn_sigwait_thread(mut on_signal: impl FnMut() -> bool + Send + 'static) {
     thread::spawn(move || loop {
         // SAFETY: sigwait on the set blocked by block_signals.
         let sig = unsafe {
@@ -419,7 +426,7 @@ fn spawn_signal_thread(tx: Sender<Event>) {
             signal = sig,
             "termination signal: finishing commands in flight"
         );
-        if tx.send(Event::Shutdown).is_err() {
+        if !on_signal() {
             return;
         }
     });
@@ -434,7 +441,7 @@ struct Sched {
     retry_at: HashMap<String, Instant>,
 }
 
-fn backoff(failures: u32) -> Duration {
+pub(crate) fn backoff(failures: u32) -> Duration {
     let shift = failures.saturating_sub(1).min(20);
     (BACKOFF_START * (1u32 << shift)).min(BACKOFF_CAP)
 }

@@ -278,6 +278,24 @@ impl ControlFs {
         }
     }
 
+    /// Like [`remove`](Self::remove), but the kernel has forgotten the entry
+    /// when this returns, so no caller can see the node afterwards. The
+    /// invalidation is a synchronous write into the kernel that takes the
+    /// parent directory's lock: never call this from a FUSE callback.
+    pub fn remove_now(&self, node: NodeId) {
+        if let Some((parent, name, files)) = self.inner.detach(node) {
+            for file in files {
+                self.inner.notice(Notice::Changed(file));
+            }
+            match self.inner.notifier.get() {
+                Some(notifier) => {
+                    let _ = notifier.inval_entry(INodeNo(parent.0), OsStr::new(&*name));
+                }
+                None => self.inner.notice(Notice::Invalidate(parent, name)),
+            }
+        }
+    }
+
     /// Finds a child by name, whoever may see it.
     pub fn child(&self, parent: NodeId, name: &str) -> Option<NodeId> {
         let nodes = self.inner.nodes.read().unwrap();

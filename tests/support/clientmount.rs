@@ -8,9 +8,14 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-/// The `clientmountd` built next to this test executable.
+/// The `clientmountd` built next to this test executable, or
+/// `$CLIENTMOUNTD_BIN` (the benchmark measures a release build without
+/// building the whole test crate in release).
 pub fn clientmountd_bin() -> PathBuf {
-    super::bin("clientmountd")
+    match std::env::var_os("CLIENTMOUNTD_BIN") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => super::bin("clientmountd"),
+    }
 }
 
 fn run_ok(cmd: &mut Command) -> String {
@@ -188,6 +193,20 @@ pub struct Daemon {
 impl Daemon {
     /// Start with `bin` first on PATH and the given extra arguments.
     pub fn start(spec_dir: &Path, bin: &Path, log: &Path, extra: &[&str]) -> Daemon {
+        let mut args: Vec<String> = vec!["--spec-dir".into(), spec_dir.display().to_string()];
+        args.extend(
+            ["--node-name", "testnode", "--command-timeout", "20s"]
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Daemon::spawn(bin, log, &args)
+    }
+
+    /// Start with `bin` first on PATH and exactly these arguments (no
+    /// `--spec-dir`: the Kubernetes mode). The Kubernetes environment
+    /// variables of the test process are removed so only the flags count.
+    pub fn spawn(bin: &Path, log: &Path, args: &[String]) -> Daemon {
         let path = format!(
             "{}:{}",
             bin.display(),
@@ -199,13 +218,13 @@ impl Daemon {
             .open(log)
             .expect("daemon log");
         let child = Command::new(clientmountd_bin())
-            .arg("--spec-dir")
-            .arg(spec_dir)
-            .args(["--node-name", "testnode", "--command-timeout", "20s"])
-            .args(extra)
+            .args(args)
             .env("PATH", path)
             .env_remove("KUBERNETES_SERVICE_HOST")
             .env_remove("KUBERNETES_SERVICE_PORT")
+            .env_remove("DWS_CLIENT_MOUNT_SERVICE_TOKEN_FILE")
+            .env_remove("DWS_CLIENT_MOUNT_SERVICE_CERT_FILE")
+            .env_remove("KUBECONFIG")
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -216,6 +235,16 @@ impl Daemon {
             child: Some(child),
             log: log.to_path_buf(),
         }
+    }
+
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
     /// SIGTERM, then wait for the exit (killed after 30 s).
@@ -292,4 +321,53 @@ pub fn wait_until(daemon: &Daemon, timeout: Duration, what: &str, cond: impl Fn(
         }
         sleep(Duration::from_millis(50));
     }
+}
+
+/// Idle figures of a process, summed over its threads.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcSample {
+    pub voluntary_ctxt_switches: u64,
+    pub nonvoluntary_ctxt_switches: u64,
+    /// utime + stime, clock ticks.
+    pub cpu_ticks: u64,
+    pub rss_kib: u64,
+    pub threads: u64,
+}
+
+pub fn proc_sample(pid: u32) -> ProcSample {
+    let mut s = ProcSample {
+        voluntary_ctxt_switches: 0,
+        nonvoluntary_ctxt_switches: 0,
+        cpu_ticks: 0,
+        rss_kib: 0,
+        threads: 0,
+    };
+    let field = |text: &str, key: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    // Per thread: the process-level counters of exited threads are not
+    // what an idle daemon does now.
+    if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let status = fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            s.voluntary_ctxt_switches += field(&status, "voluntary_ctxt_switches:");
+            s.nonvoluntary_ctxt_switches += field(&status, "nonvoluntary_ctxt_switches:");
+            s.threads += 1;
+        }
+    }
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.rss_kib = field(&status, "VmRSS:");
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which may contain spaces.
+    if let Some((_, rest)) = stat.rsplit_once(')') {
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of stat (index 11, 12 here).
+        let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        s.cpu_ticks = n(11) + n(12);
+    }
+    s
 }

@@ -1,0 +1,1317 @@
+//! The /run/nnf-dm contract on the Kubernetes backend: the real agent,
+//! connected exactly as in production (`--service-token-file`,
+//! `--service-cert-file`) to the in-process API server of `kube-testserver`
+//! (real CRD schemas, real nnf-dm ClusterRole), with a simulated Rabbit.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use integration_tests::*;
+use kube_testserver::{Config, EventType, TestServer, NNF_DM};
+use serde_json::{json, Value};
+
+const LONG: Duration = Duration::from_secs(30);
+const NODE: &str = "compute-1";
+const RABBIT: &str = "rabbit-1";
+const WF_NS: &str = "default";
+const DM: &str = "NnfDataMovement";
+
+fn labels(workflow: &str, index: &str) -> Value {
+    json!({
+        "dataworkflowservices.github.io/workflow.name": workflow,
+        "dataworkflowservices.github.io/workflow.namespace": WF_NS,
+        "nnf.cray.hpe.com/directive_index": index,
+    })
+}
+
+fn mount(path: &str, kind: &str, reference: Option<(&str, &str)>) -> Value {
+    let mut device = json!({"type": if reference.is_some() { "reference" } else { "lustre" }});
+    if let Some((kind, name)) = reference {
+        device["deviceReference"] = json!({
+            "objectReference": {"kind": kind, "name": name, "namespace": RABBIT},
+            "data": 0,
+        });
+    } else {
+        device["lustre"] = json!({"fileSystemName": "global", "mgsAddresses": "10.0.0.1@tcp"});
+    }
+    json!({
+        "mountPath": path, "type": kind, "targetType": "directory",
+        "options": "", "setPermissions": false, "device": device,
+    })
+}
+
+fn client_mount(ns: &str, name: &str, workflow: &str, index: &str, mounts: Vec<Value>) -> Value {
+    json!({
+        "apiVersion": "dataworkflowservices.github.io/v1alpha7",
+        "kind": "ClientMount",
+        "metadata": {"name": name, "namespace": ns, "labels": labels(workflow, index)},
+        "spec": {"node": ns, "desiredState": "mounted", "mounts": mounts},
+    })
+}
+
+fn workflow(name: &str, state: &str, status: &str) -> Value {
+    json!({
+        "apiVersion": "dataworkflowservices.github.io/v1alpha7",
+        "kind": "Workflow",
+        "metadata": {"name": name, "namespace": WF_NS},
+        "spec": {"desiredState": state, "dwDirectives": [], "forceReady": false,
+                 "groupID": 0, "userID": 0, "jobID": 1, "wlmID": "slurm"},
+        "status": {"state": state, "status": status, "ready": true},
+    })
+}
+
+fn profile(name: &str, default: bool) -> Value {
+    json!({
+        "apiVersion": "nnf.cray.hpe.com/v1alpha11",
+        "kind": "NnfDataMovementProfile",
+        "metadata": {"name": name, "namespace": "nnf-system"},
+        "data": {"default": default,
+                 "command": "ulimit -n 2048 && mpirun --allow-run-as-root --hostfile $HOSTFILE dcp --progress 1 --uid $UID --gid $GID $SRC $DEST",
+                 "createDestDir": true, "maxSlots": 0, "slots": 8,
+                 "mkdirCommand": "mpirun --allow-run-as-root -np 1 --hostfile $HOSTFILE -- $SETPRIV mkdir -p $PATH",
+                 "setprivCommand": "setpriv --euid $UID --egid $GID --clear-groups",
+                 "statCommand": "mpirun --allow-run-as-root -np 1 --hostfile $HOSTFILE -- $SETPRIV stat --cached never -c '%F' $PATH"},
+    })
+}
+
+/// Workflow `wf1` (PreRun/Completed) with Lustre, GFS2, XFS and raw mounts on
+/// the compute node and the matching Rabbit mounts; `wf-setup` in Setup.
+fn seed(server: &TestServer) {
+    server.put_object(workflow("wf1", "PreRun", "Completed"));
+    server.put_object(workflow("wf-setup", "Setup", "Completed"));
+    let compute = [
+        (
+            "lus",
+            "0",
+            mount("/mnt/nnf/lus-0", "lustre", Some(("NnfStorage", "wf1-0"))),
+        ),
+        (
+            "gfs",
+            "1",
+            mount(
+                "/mnt/nnf/gfs-1",
+                "gfs2",
+                Some(("NnfNodeBlockStorage", "wf1-1")),
+            ),
+        ),
+        (
+            "xfs",
+            "2",
+            mount(
+                "/mnt/nnf/xfs-2",
+                "xfs",
+                Some(("NnfNodeBlockStorage", "wf1-2")),
+            ),
+        ),
+        (
+            "raw",
+            "3",
+            mount(
+                "/mnt/nnf/raw-3",
+                "none",
+                Some(("NnfNodeBlockStorage", "wf1-3")),
+            ),
+        ),
+        (
+            "orphan",
+            "4",
+            mount(
+                "/mnt/nnf/orphan-4",
+                "gfs2",
+                Some(("NnfNodeBlockStorage", "wf1-4")),
+            ),
+        ),
+    ];
+    for (tag, index, m) in compute {
+        server.put_object(client_mount(
+            NODE,
+            &format!("wf1-{tag}"),
+            "wf1",
+            index,
+            vec![m],
+        ));
+    }
+    let rabbit = [
+        (
+            "lus",
+            "0",
+            mount(
+                "/rabbit/lus-0/compute-1",
+                "lustre",
+                Some(("NnfStorage", "wf1-0")),
+            ),
+        ),
+        (
+            "gfs",
+            "1",
+            mount(
+                "/rabbit/gfs-1/compute-1/",
+                "gfs2",
+                Some(("NnfNodeBlockStorage", "wf1-1")),
+            ),
+        ),
+    ];
+    for (tag, index, m) in rabbit {
+        server.put_object(client_mount(
+            RABBIT,
+            &format!("wf1-{tag}"),
+            "wf1",
+            index,
+            vec![m],
+        ));
+    }
+    server.put_object(json!({
+        "apiVersion": "lus.cray.hpe.com/v1beta1",
+        "kind": "LustreFileSystem",
+        "metadata": {"name": "global", "namespace": "lus-ns"},
+        "spec": {"name": "global", "mgsNids": "10.0.0.1@tcp", "mountRoot": "/lus/global"},
+    }));
+    server.put_object(profile("default", true));
+    server.put_object(profile("fast", false));
+}
+
+/// The simulated Rabbit: runs every new NnfDataMovement of ours through
+/// Starting → Running → Finished, as its destination says:
+/// `.../hold*` stays Running until cancelled, `.../never*` never starts,
+/// `.../fail*` fails, `.../invalid*` is Invalid; anything else succeeds.
+fn rabbit(server: &Arc<TestServer>, step: Duration) {
+    let weak = Arc::downgrade(server);
+    server.on_change(DM, move |change| {
+        if change.event_type != EventType::Added {
+            return;
+        }
+        let weak = weak.clone();
+        std::thread::spawn(move || {
+            run_copy(weak, change.namespace, change.name, change.object, step)
+        });
+    });
+}
+
+fn set_status(server: &TestServer, ns: &str, name: &str, f: impl Fn(&mut Value)) -> Option<Value> {
+    for _ in 0..100 {
+        match server.modify_object(DM, ns, name, &f) {
+            None => return None,
+            Some(Ok(obj)) => return Some(obj),
+            Some(Err(_)) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    None
+}
+
+fn now() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .unwrap();
+    stdout(&out).trim().to_string()
+}
+
+fn run_copy(
+    server: std::sync::Weak<TestServer>,
+    ns: String,
+    name: String,
+    obj: Value,
+    step: Duration,
+) {
+    let dest = obj["spec"]["destination"]["path"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let base = dest.rsplit('/').next().unwrap_or("").to_string();
+    if base.starts_with("never") {
+        return;
+    }
+    let cancelled = |s: &TestServer| {
+        s.get_object(DM, &ns, &name)
+            .is_some_and(|o| o["spec"]["cancel"] == true)
+    };
+    std::thread::sleep(step);
+    let Some(s) = server.upgrade() else { return };
+    if cancelled(&s) {
+        // Cancelled before it started: the Rabbit never touches it.
+        return;
+    }
+    let start = now();
+    set_status(&s, &ns, &name, |o| {
+        o["status"] = json!({"state": "Starting", "startTime": start, "restarts": 0});
+    });
+    drop(s);
+    std::thread::sleep(step);
+    let Some(s) = server.upgrade() else { return };
+    set_status(&s, &ns, &name, |o| {
+        o["status"]["state"] = json!("Running");
+        o["status"]["commandStatus"] = json!({
+            "command": "mpirun dcp --progress 1 src dest", "progress": 50,
+            "lastMessage": "Copied 1.000 GiB (50%)", "lastMessageTime": now(),
+            "items": 10, "directories": 2, "files": 7, "links": 1, "data": "1.000 GiB",
+            "rate": "512.000 MiB/s", "elapsedTime": "2s",
+        });
+    });
+    drop(s);
+    let finish = |s: &TestServer, status: &str, message: &str| {
+        set_status(s, &ns, &name, |o| {
+            o["status"]["state"] = json!("Finished");
+            o["status"]["status"] = json!(status);
+            o["status"]["endTime"] = json!(now());
+            o["status"]["message"] = json!(message);
+            if status == "Success" {
+                o["status"]["commandStatus"]["progress"] = json!(100);
+            }
+        });
+    };
+    if base.starts_with("hold") {
+        loop {
+            std::thread::sleep(Duration::from_millis(20));
+            let Some(s) = server.upgrade() else { return };
+            if s.get_object(DM, &ns, &name).is_none() {
+                return;
+            }
+            if cancelled(&s) {
+                finish(&s, "Cancelled", "cancelled by request");
+                return;
+            }
+        }
+    }
+    std::thread::sleep(step);
+    let Some(s) = server.upgrade() else { return };
+    if cancelled(&s) {
+        finish(&s, "Cancelled", "cancelled by request");
+    } else if base.starts_with("fail") {
+        finish(&s, "Failed", "dcp: permission denied\nexit status 1");
+    } else if base.starts_with("invalid") {
+        finish(&s, "Invalid", "source does not exist");
+    } else {
+        finish(&s, "Success", "");
+    }
+}
+
+struct Cluster {
+    server: Arc<TestServer>,
+}
+
+impl Cluster {
+    fn new() -> Cluster {
+        Self::with_step(Duration::from_millis(150))
+    }
+
+    /// Seeded, without the simulated Rabbit.
+    fn bare() -> Cluster {
+        let server = Arc::new(TestServer::start(Config::default()));
+        seed(&server);
+        Cluster { server }
+    }
+
+    fn with_step(step: Duration) -> Cluster {
+        let server = Arc::new(TestServer::start(Config::default()));
+        seed(&server);
+        rabbit(&server, step);
+        Cluster { server }
+    }
+
+    fn args(&self, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "--backend",
+            "kubernetes",
+            "--kubernetes-service-host",
+            "127.0.0.1",
+            "--kubernetes-service-port",
+            &self.server.port().to_string(),
+            "--service-token-file",
+            self.server.token_file(NNF_DM).to_str().unwrap(),
+            "--service-cert-file",
+            self.server.ca_file().to_str().unwrap(),
+            "--node-name",
+            NODE,
+            "--nnf-node-name",
+            RABBIT,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    fn agent(&self, extra: &[&str]) -> Agent {
+        let args = self.args(extra);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        Agent::start(&refs)
+    }
+
+    fn dms(&self) -> Vec<Value> {
+        self.server.objects(DM, None)
+    }
+
+    /// The resource of control-fs operation `op`.
+    fn dm_of(&self, op: &str) -> Value {
+        self.dms()
+            .into_iter()
+            .find(|o| {
+                o["metadata"]["annotations"]["dm.cray.hpe.com/nnf-dm-operation"]
+                    .as_str()
+                    .and_then(|a| serde_json::from_str::<Value>(a).ok())
+                    .is_some_and(|a| a["name"] == op)
+            })
+            .unwrap_or_else(|| panic!("no NnfDataMovement for {op}"))
+    }
+}
+
+/// One write(2) of `request` to the request file as `user` (root if None):
+/// "ok" or the errno's name.
+fn write_as(agent: &Agent, user: Option<&User>, request: &str) -> String {
+    let script = format!(
+        "import os, errno\nfd = os.open({:?}, os.O_WRONLY)\ntry:\n    os.write(fd, {:?}.encode())\n    print('ok')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])\n",
+        agent.path("request").to_str().unwrap(),
+        request
+    );
+    let out = match user {
+        Some(u) => as_user_cmd(u, "/usr/bin/python3")
+            .arg("-c")
+            .arg(&script)
+            .output()
+            .unwrap(),
+        None => python(&script),
+    };
+    stdout(&out).trim().to_string()
+}
+
+fn errors_of(agent: &Agent, user: Option<&User>) -> String {
+    let path = agent.path("errors");
+    match user {
+        Some(u) => stdout(&sh_as(u, &format!("cat {}", path.display()))),
+        None => std::fs::read_to_string(path).unwrap(),
+    }
+}
+
+fn last_error(agent: &Agent, user: Option<&User>) -> String {
+    errors_of(agent, user)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_string()
+}
+
+fn status_of(agent: &Agent, name: &str) -> String {
+    agent.read(&format!("{name}/status")).unwrap_or_default()
+}
+
+fn wait_state(agent: &Agent, name: &str, state: &str, timeout: Duration) -> String {
+    let ok = wait_until(timeout, || {
+        field(&status_of(agent, name), "state").as_deref() == Some(state)
+    });
+    let status = status_of(agent, name);
+    assert!(
+        ok,
+        "{name} never reached {state}; status:\n{status}\nlog:\n{}",
+        agent.log()
+    );
+    status
+}
+
+const LUS_REQ: &str = "workflow=wf1 namespace=default source=/mnt/nnf/lus-0/ckpt/step10 destination=/lus/global/me/step10";
+
+#[test]
+fn lustre_request_makes_the_expected_resource_and_status_flows_back() {
+    let cluster = Cluster::new();
+    let agent = cluster.agent(&[]);
+    assert_eq!(
+        field(&agent.read("version").unwrap(), "backend").unwrap(),
+        "kubernetes"
+    );
+    let u = user("nnfdmt1");
+    let out = agent.request_as(
+        &u,
+        &format!("name=lus1 {LUS_REQ} dryrun=true slots=4 dcp_options=\"--chunksize 1MB\""),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Created before write returned: the directory and status are there.
+    let status = agent.read("lus1/status");
+    assert!(status.is_ok(), "status readable right after echo");
+
+    let dm = cluster.dm_of("lus1");
+    let wf_uid =
+        cluster.server.get_object("Workflow", WF_NS, "wf1").unwrap()["metadata"]["uid"].clone();
+    assert_eq!(dm["metadata"]["namespace"], "nnf-dm-system");
+    assert!(dm["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .starts_with("nnf-dm-"));
+    assert_eq!(dm["metadata"]["generateName"], "nnf-dm-");
+    let labels = &dm["metadata"]["labels"];
+    assert_eq!(
+        labels,
+        &json!({
+            "dm.cray.hpe.com/initiator": NODE,
+            "nnf.cray.hpe.com/directive_index": "0",
+            "dataworkflowservices.github.io/workflow.name": "wf1",
+            "dataworkflowservices.github.io/workflow.namespace": WF_NS,
+            "dataworkflowservices.github.io/workflow.uid": wf_uid,
+            "dataworkflowservices.github.io/owner.kind": "Workflow",
+            "dataworkflowservices.github.io/owner.name": "wf1",
+            "dataworkflowservices.github.io/owner.namespace": WF_NS,
+            "dataworkflowservices.github.io/owner.uid": wf_uid,
+            "nnf.cray.hpe.com/teardown_state": "PostRun",
+        })
+    );
+    let spec = &dm["spec"];
+    assert_eq!(
+        spec,
+        &json!({
+            "cancel": false,
+            "source": {"path": "/rabbit/lus-0/compute-1/ckpt/step10",
+                       "storageReference": {"kind": "NnfStorage", "name": "wf1-0", "namespace": RABBIT}},
+            "destination": {"path": "/lus/global/me/step10",
+                            "storageReference": {"kind": "LustreFileSystem", "name": "global", "namespace": "lus-ns"}},
+            "userId": u.uid,
+            "groupId": u.gid,
+            "profileReference": {"kind": "NnfDataMovementProfile", "name": "default", "namespace": "nnf-system"},
+            "userConfig": {"dryrun": true, "mpirunOptions": "", "dcpOptions": "--chunksize 1MB",
+                           "logStdout": false, "storeStdout": false, "slots": 4},
+        })
+    );
+    // The Rabbit runs it; status flows back through the watch.
+    let running = wait_state(&agent, "lus1", "running", LONG);
+    let status = wait_state(&agent, "lus1", "completed", LONG);
+    assert_eq!(field(&status, "status").unwrap(), "success", "{status}");
+    assert_eq!(field(&status, "progress").unwrap(), "100");
+    assert_eq!(field(&status, "items").unwrap(), "10");
+    assert_eq!(field(&status, "files").unwrap(), "7");
+    assert_eq!(field(&status, "bytes").unwrap(), "1073741824");
+    assert_eq!(
+        field(&status, "rate_bytes_per_second").unwrap(),
+        "536870912"
+    );
+    assert_eq!(
+        field(&status, "command").unwrap(),
+        "mpirun dcp --progress 1 src dest"
+    );
+    assert!(!field(&status, "start_time").unwrap().is_empty());
+    assert!(!field(&status, "end_time").unwrap().is_empty());
+    let _ = running;
+    let json: Value = serde_json::from_str(&agent.read("lus1/status.json").unwrap()).unwrap();
+    assert_eq!(json["status"], "success");
+    // The request file is the normalised request with the profile resolved.
+    let req = agent.read("lus1/request").unwrap();
+    assert!(req.contains("profile=default"), "{req}");
+    assert!(req.contains("workflow=wf1"), "{req}");
+}
+
+#[test]
+fn gfs2_request_goes_to_the_rabbit_namespace_and_wait_blocks_until_done() {
+    let cluster = Cluster::with_step(Duration::from_millis(400));
+    let agent = cluster.agent(&[]);
+    // workflow/namespace from the writer's environment.
+    let out = sh(&format!(
+        "DW_WORKFLOW_NAME=wf1 DW_WORKFLOW_NAMESPACE=default bash -c 'echo \"name=g1 source=/mnt/nnf/gfs-1/a/b destination=/home/me/out profile=fast max_slots=2\" > {}'",
+        agent.path("request").display()
+    ));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dm = cluster.dm_of("g1");
+    assert_eq!(dm["metadata"]["namespace"], RABBIT);
+    assert!(dm["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .starts_with("nnf-dm-node-"));
+    assert_eq!(dm["metadata"]["generateName"], "nnf-dm-node-");
+    assert!(dm["metadata"]["labels"]
+        .get("nnf.cray.hpe.com/directive_index")
+        .is_none());
+    assert_eq!(dm["metadata"]["labels"]["dm.cray.hpe.com/initiator"], NODE);
+    assert_eq!(dm["spec"]["source"]["path"], "/rabbit/gfs-1/compute-1/a/b");
+    assert_eq!(dm["spec"]["source"]["storageReference"]["name"], "wf1-1");
+    assert_eq!(dm["spec"]["destination"], json!({"path": "/home/me/out"}));
+    assert_eq!(dm["spec"]["profileReference"]["name"], "fast");
+    assert_eq!(dm["spec"]["userConfig"]["maxSlots"], 2);
+    assert!(dm["spec"]["userConfig"].get("slots").is_none());
+    assert_eq!(dm["spec"]["userId"], 0);
+    assert_eq!(field(&status_of(&agent, "g1"), "state").unwrap(), "pending");
+
+    // A blocked `wait` returns once the watch reports completion.
+    let started = Instant::now();
+    let waited = agent.read("g1/wait").unwrap();
+    assert!(started.elapsed() > Duration::from_millis(300));
+    assert_eq!(field(&waited, "state").unwrap(), "completed");
+    assert_eq!(field(&waited, "status").unwrap(), "success");
+
+    // poll() wakes on a change of state.
+    let out = sh(&format!(
+        "echo 'name=g2 workflow=wf1 namespace=default source=/mnt/nnf/gfs-1/x destination=/home/me/x' > {}",
+        agent.path("request").display()
+    ));
+    assert!(out.status.success());
+    let script = format!(
+        "import os, select\nfd = os.open({:?}, os.O_RDONLY)\nos.read(fd, 4096)\np = select.poll()\np.register(fd, select.POLLPRI | select.POLLIN)\nprint(len(p.poll(20000)))\n",
+        agent.path("g2/state").to_str().unwrap()
+    );
+    let out = python(&script);
+    assert_eq!(stdout(&out).trim(), "1", "{}", stderr(&out));
+}
+
+#[test]
+fn every_rejection_has_its_errno_and_reason() {
+    let cluster = Cluster::new();
+    // Two default profiles would be an error: keep one (seeded).
+    let agent = cluster.agent(&[]);
+    let u = user("nnfdmt1");
+    let cases: &[(&str, &str, &str)] = &[
+        ("source=/mnt/nnf/lus-0/a destination=/lus/global/x", "EINVAL", "no workflow"),
+        ("workflow=nope namespace=default source=/mnt/nnf/lus-0/a destination=/lus/global/x", "ENOENT", "workflow default/nope not found"),
+        ("workflow=wf-setup namespace=default source=/mnt/nnf/lus-0/a destination=/lus/global/x", "EPERM", "PreRun/Completed"),
+        ("workflow=wf1 namespace=default source=/mnt/nnf/lus-00/a destination=/lus/global/x", "ENOENT", "holds /mnt/nnf/lus-00/a"),
+        ("workflow=wf1 namespace=default source=/mnt/nnf/xfs-2/a destination=/lus/global/x", "EINVAL", "filesystem not supported: 'xfs'"),
+        ("workflow=wf1 namespace=default source=/mnt/nnf/raw-3/a destination=/lus/global/x", "EINVAL", "filesystem not supported: 'none'"),
+        ("workflow=wf1 namespace=default source=/mnt/nnf/orphan-4/a destination=/x", "ENOENT", "on Rabbit rabbit-1"),
+        ("workflow=wf1 namespace=default source=/mnt/nnf/lus-0/a destination=/lus/globalx/y", "ENOENT", "LustreFileSystem"),
+        ("workflow=wf1 namespace=default source=/mnt/nnf/lus-0/a destination=/lus/global/x profile=nope", "ENOENT", "profile 'nope' not found"),
+        ("workflow=wf1 namespace=default source=relative destination=/x", "EINVAL", ""),
+    ];
+    for (request, errno, reason) in cases {
+        let got = write_as(&agent, Some(&u), request);
+        assert_eq!(&got, errno, "{request}");
+        let line = last_error(&agent, Some(&u));
+        assert!(
+            line.contains(errno) && line.contains(reason),
+            "{request}: errors line {line:?}"
+        );
+    }
+    // EEXIST on a name in use.
+    assert_eq!(
+        write_as(&agent, Some(&u), &format!("name=dup {LUS_REQ}")),
+        "ok"
+    );
+    assert_eq!(
+        write_as(&agent, Some(&u), &format!("name=dup {LUS_REQ}")),
+        "EEXIST"
+    );
+    // Nothing was created for any rejection.
+    assert_eq!(cluster.dms().len(), 1);
+    // The root user's errors are its own.
+    assert!(!errors_of(&agent, None).contains("no workflow"));
+    // A generated name reads back on the same descriptor.
+    let out = sh(&format!(
+        "exec 3<>{}; echo '{LUS_REQ}' >&3; read -r n <&3; echo $n",
+        agent.path("request").display()
+    ));
+    let name = stdout(&out).trim().to_string();
+    assert!(name.starts_with("dm-"), "{name:?} {}", stderr(&out));
+    assert!(agent.path(&name).is_dir());
+}
+
+#[test]
+fn cancel_rmdir_and_deletion_by_others() {
+    let cluster = Cluster::new();
+    let agent = cluster.agent(&[]);
+    let req = |name: &str, dest: &str| {
+        format!("name={name} workflow=wf1 namespace=default source=/mnt/nnf/gfs-1/a destination=/home/me/{dest}")
+    };
+    // Running copy: rmdir is EBUSY, cancel → cancelling → completed/cancelled.
+    assert!(agent.request(&req("c1", "hold1")).status.success());
+    wait_state(&agent, "c1", "running", LONG);
+    let rm = python(&format!(
+        "import os, errno\ntry:\n    os.rmdir({:?})\n    print('ok')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])",
+        agent.path("c1").to_str().unwrap()
+    ));
+    assert_eq!(stdout(&rm).trim(), "EBUSY");
+    assert!(
+        sh(&format!("echo 1 > {}", agent.path("c1/cancel").display()))
+            .status
+            .success()
+    );
+    let status = wait_state(&agent, "c1", "completed", LONG);
+    assert_eq!(field(&status, "status").unwrap(), "cancelled");
+    assert_eq!(cluster.dm_of("c1")["spec"]["cancel"], true);
+    let res = cluster.dm_of("c1")["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(sh(&format!("rmdir {}", agent.path("c1").display()))
+        .status
+        .success());
+    assert!(!agent.path("c1").exists());
+    assert!(
+        cluster.server.wait_gone(DM, RABBIT, &res, LONG),
+        "resource deleted"
+    );
+
+    // Cancelled before it ever started: completed/cancelled, and deletable.
+    assert!(agent.request(&req("c2", "never1")).status.success());
+    assert!(
+        sh(&format!("echo 1 > {}", agent.path("c2/cancel").display()))
+            .status
+            .success()
+    );
+    let status = wait_state(&agent, "c2", "completed", LONG);
+    assert_eq!(field(&status, "status").unwrap(), "cancelled");
+    let res = cluster.dm_of("c2")["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(sh(&format!("rmdir {}", agent.path("c2").display()))
+        .status
+        .success());
+    assert!(cluster.server.wait_gone(DM, RABBIT, &res, LONG));
+
+    // Cancel of a completed operation: nothing happens.
+    assert!(agent.request(&req("c3", "ok")).status.success());
+    let status = wait_state(&agent, "c3", "completed", LONG);
+    assert!(
+        sh(&format!("echo 1 > {}", agent.path("c3/cancel").display()))
+            .status
+            .success()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        field(&status_of(&agent, "c3"), "status").unwrap(),
+        field(&status, "status").unwrap()
+    );
+    assert_eq!(cluster.dm_of("c3")["spec"]["cancel"], false);
+
+    // Failed and invalid copies say so.
+    assert!(agent.request(&req("f1", "fail1")).status.success());
+    let status = wait_state(&agent, "f1", "completed", LONG);
+    assert_eq!(field(&status, "status").unwrap(), "failed");
+    assert_eq!(
+        field(&status, "message").unwrap(),
+        "dcp: permission denied\\nexit status 1"
+    );
+    assert_eq!(
+        agent.read("f1/message").unwrap(),
+        "dcp: permission denied\nexit status 1\n"
+    );
+    assert!(agent.request(&req("i1", "invalid1")).status.success());
+    assert_eq!(
+        field(&wait_state(&agent, "i1", "completed", LONG), "status").unwrap(),
+        "invalid"
+    );
+
+    // Workflow teardown deletes the resource: the operation disappears.
+    let res = cluster.dm_of("c3")["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    cluster.server.delete_object(DM, RABBIT, &res).unwrap();
+    assert!(
+        wait_until(LONG, || !agent.path("c3").exists()),
+        "c3 gone after deletion"
+    );
+    // A deletionTimestamp (Rabbit finalizer still on) counts as gone too.
+    let res = cluster.dm_of("f1")["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    cluster
+        .server
+        .modify_object(DM, RABBIT, &res, |o| {
+            o["metadata"]["finalizers"] = json!(["nnf.cray.hpe.com/rabbit"])
+        })
+        .unwrap()
+        .unwrap();
+    cluster.server.delete_object(DM, RABBIT, &res).unwrap();
+    assert!(
+        wait_until(LONG, || !agent.path("f1").exists()),
+        "f1 gone while being deleted"
+    );
+}
+
+#[test]
+fn a_restarted_agent_lists_every_operation_with_owner_and_status() {
+    let cluster = Cluster::new();
+    let mut agent = cluster.agent(&[]);
+    let u1 = user("nnfdmt1");
+    let u2 = user("nnfdmt2");
+    assert_eq!(
+        write_as(&agent, Some(&u1), &format!("name=r1 {LUS_REQ}")),
+        "ok"
+    );
+    assert_eq!(
+        write_as(&agent, Some(&u2), "name=r2 workflow=wf1 namespace=default source=/mnt/nnf/gfs-1/a destination=/home/x/hold"),
+        "ok"
+    );
+    wait_state(&agent, "r1", "completed", LONG);
+    wait_state(&agent, "r2", "running", LONG);
+    let before_r1 = status_of(&agent, "r1");
+    assert_eq!(agent.stop().code(), Some(0));
+    agent.restart();
+    // Listed again at once, with owners, status and request.
+    use std::os::unix::fs::MetadataExt;
+    let m1 = std::fs::metadata(agent.path("r1")).unwrap();
+    assert_eq!((m1.uid(), m1.gid()), (u1.uid, u1.gid));
+    let m2 = std::fs::metadata(agent.path("r2")).unwrap();
+    assert_eq!((m2.uid(), m2.gid()), (u2.uid, u2.gid));
+    let after_r1 = status_of(&agent, "r1");
+    for key in [
+        "state",
+        "status",
+        "start_time",
+        "end_time",
+        "progress",
+        "items",
+    ] {
+        assert_eq!(field(&after_r1, key), field(&before_r1, key), "{key}");
+    }
+    assert_eq!(field(&status_of(&agent, "r2"), "state").unwrap(), "running");
+    assert!(agent
+        .read("r1/request")
+        .unwrap()
+        .contains("source=/mnt/nnf/lus-0/ckpt/step10"));
+    // Still controllable after the restart.
+    assert!(sh_as(
+        &u2,
+        &format!("echo 1 > {}", agent.path("r2/cancel").display())
+    )
+    .status
+    .success());
+    wait_state(&agent, "r2", "completed", LONG);
+    // Each user sees only their own.
+    let ls = stdout(&sh_as(&u1, &format!("ls {}", agent.mnt.display())));
+    assert!(ls.contains("r1") && !ls.contains("r2"), "{ls}");
+}
+
+#[test]
+fn ownership_between_two_users() {
+    let cluster = Cluster::new();
+    let agent = cluster.agent(&[]);
+    let u1 = user("nnfdmt1");
+    let u2 = user("nnfdmt2");
+    assert_eq!(
+        write_as(&agent, Some(&u1), "name=own1 workflow=wf1 namespace=default source=/mnt/nnf/gfs-1/a destination=/home/x/hold"),
+        "ok"
+    );
+    let dm = cluster.dm_of("own1");
+    assert_eq!(dm["spec"]["userId"], u1.uid);
+    assert_eq!(dm["spec"]["groupId"], u1.gid);
+    wait_state(&agent, "own1", "running", LONG);
+    // u2 can neither read, nor cancel, nor remove it.
+    let out = sh_as(&u2, &format!("cat {}", agent.path("own1/status").display()));
+    assert!(!out.status.success());
+    let out = sh_as(
+        &u2,
+        &format!("echo 1 > {}", agent.path("own1/cancel").display()),
+    );
+    assert!(!out.status.success());
+    let out = sh_as(&u2, &format!("rmdir {}", agent.path("own1").display()));
+    assert!(!out.status.success());
+    let ls = stdout(&sh_as(&u2, &format!("ls {}", agent.mnt.display())));
+    assert!(!ls.contains("own1"), "{ls}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        cluster.dm_of("own1")["spec"]["cancel"],
+        false,
+        "u2's cancel did nothing"
+    );
+    // u2 taking the same name: EEXIST.
+    assert_eq!(
+        write_as(&agent, Some(&u2), "name=own1 workflow=wf1 namespace=default source=/mnt/nnf/gfs-1/a destination=/home/x/y"),
+        "EEXIST"
+    );
+    // The owner can.
+    assert!(sh_as(
+        &u1,
+        &format!("echo 1 > {}", agent.path("own1/cancel").display())
+    )
+    .status
+    .success());
+    wait_state(&agent, "own1", "completed", LONG);
+    assert!(
+        sh_as(&u1, &format!("rmdir {}", agent.path("own1").display()))
+            .status
+            .success()
+    );
+}
+
+#[test]
+fn startup_checks_and_api_down_at_start() {
+    let cluster = Cluster::new();
+    let dir = scratch();
+    let run = |args: &[String]| {
+        std::process::Command::new(bin("nnf-dm"))
+            .arg("--mountpoint")
+            .arg(dir.path().join("mnt"))
+            .arg("--socket")
+            .arg("")
+            .args(args)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("KUBERNETES_SERVICE_PORT")
+            .env_remove("KUBECONFIG")
+            .env_remove("NNF_DATA_MOVEMENT_SERVICE_TOKEN_FILE")
+            .env_remove("NNF_DATA_MOVEMENT_SERVICE_CERT_FILE")
+            .output()
+            .unwrap()
+    };
+    let port = cluster.server.port().to_string();
+    let token = cluster
+        .server
+        .token_file(NNF_DM)
+        .to_str()
+        .unwrap()
+        .to_string();
+    let ca = cluster.server.ca_file().to_str().unwrap().to_string();
+    let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let cases = [
+        (
+            s(&["--kubernetes-service-port", &port]),
+            "--kubernetes-service-host",
+        ),
+        (
+            s(&[
+                "--kubernetes-service-host",
+                "127.0.0.1",
+                "--kubernetes-service-port",
+                &port,
+            ]),
+            "--service-token-file not given",
+        ),
+        (
+            s(&[
+                "--kubernetes-service-host",
+                "127.0.0.1",
+                "--kubernetes-service-port",
+                &port,
+                "--service-token-file",
+                "/nonexistent",
+            ]),
+            "cannot read",
+        ),
+        (
+            s(&[
+                "--kubernetes-service-host",
+                "127.0.0.1",
+                "--kubernetes-service-port",
+                &port,
+                "--service-token-file",
+                &token,
+            ]),
+            "--service-cert-file not given",
+        ),
+        (
+            s(&[
+                "--kubernetes-service-host",
+                "127.0.0.1",
+                "--kubernetes-service-port",
+                &port,
+                "--service-token-file",
+                &token,
+                "--service-cert-file",
+                &token,
+            ]),
+            "not a valid PEM",
+        ),
+    ];
+    for (args, message) in cases {
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(stderr(&out).contains(message), "{args:?}: {}", stderr(&out));
+    }
+    // No --nnf-node-name: the Rabbit comes from the SystemConfiguration.
+    // API down: that lookup fails at once, with a message, exit 1.
+    cluster.server.set_down(true);
+    let base = s(&[
+        "--backend",
+        "kubernetes",
+        "--kubernetes-service-host",
+        "127.0.0.1",
+        "--kubernetes-service-port",
+        &port,
+        "--service-token-file",
+        &token,
+        "--service-cert-file",
+        &ca,
+        "--node-name",
+        NODE,
+        "--kubernetes-timeout",
+        "2s",
+    ]);
+    let started = Instant::now();
+    let out = run(&base);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("SystemConfiguration default/default"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    cluster.server.set_down(false);
+    // Up, but this node in no storage node: a clear message.
+    cluster.server.put_object(json!({
+        "apiVersion": "dataworkflowservices.github.io/v1alpha7", "kind": "SystemConfiguration",
+        "metadata": {"name": "default", "namespace": "default"},
+        "spec": {"portsCooldownInSeconds": 60, "storageNodes": [
+            {"name": RABBIT, "type": "Rabbit", "computesAccess": [{"name": "other", "index": 0}]}]},
+    }));
+    let out = run(&base);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no storage node lists compute-1"),
+        "{}",
+        stderr(&out)
+    );
+    // Listed: found, and used as the namespace of GFS2 copies.
+    cluster
+        .server
+        .modify_object("SystemConfiguration", "default", "default", |o| {
+            o["spec"]["storageNodes"][0]["computesAccess"][0]["name"] = json!(NODE);
+        })
+        .unwrap()
+        .unwrap();
+    let args: Vec<String> = base.iter().filter(|a| !a.is_empty()).cloned().collect();
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = Agent::start(&refs);
+    assert!(agent
+        .request("name=s1 workflow=wf1 namespace=default source=/mnt/nnf/gfs-1/a destination=/x")
+        .status
+        .success());
+    assert_eq!(cluster.dm_of("s1")["metadata"]["namespace"], RABBIT);
+    drop(agent);
+
+    // With --nnf-node-name and the API down: the agent serves anyway,
+    // requests fail with EAGAIN, and operations appear once it is back.
+    cluster.server.set_down(true);
+    let agent = cluster.agent(&["--kubernetes-timeout", "2s"]);
+    let started = Instant::now();
+    assert_eq!(
+        write_as(&agent, None, &format!("name=d1 {LUS_REQ}")),
+        "EAGAIN"
+    );
+    assert!(started.elapsed() < Duration::from_secs(6));
+    assert!(last_error(&agent, None).contains("EAGAIN"));
+    cluster.server.set_down(false);
+    assert!(
+        wait_until(LONG, || agent.path("s1").exists()),
+        "listed once the API is back"
+    );
+    assert!(wait_until(LONG, || write_as(
+        &agent,
+        None,
+        &format!("name=d1 {LUS_REQ}")
+    ) == "ok"));
+}
+
+#[test]
+fn api_down_mid_watch_reads_answer_stale_then_recover() {
+    let cluster = Cluster::new();
+    let agent = cluster.agent(&["--kubernetes-timeout", "2s"]);
+    assert!(agent
+        .request(
+            "name=w1 workflow=wf1 namespace=default source=/mnt/nnf/gfs-1/a destination=/x/hold"
+        )
+        .status
+        .success());
+    wait_state(&agent, "w1", "running", LONG);
+    cluster.server.set_down(true);
+    // Reads keep answering, and the message says the data may be stale.
+    assert!(
+        wait_until(LONG, || agent
+            .read("w1/message")
+            .unwrap_or_default()
+            .contains("may be stale")),
+        "stale note; log:\n{}",
+        agent.log()
+    );
+    let t = Instant::now();
+    let status = status_of(&agent, "w1");
+    assert!(t.elapsed() < Duration::from_millis(500));
+    assert_eq!(field(&status, "state").unwrap(), "running");
+    // A request fails with EAGAIN after the timeout; no caller hangs.
+    let t = Instant::now();
+    assert_eq!(
+        write_as(&agent, None, &format!("name=w2 {LUS_REQ}")),
+        "EAGAIN"
+    );
+    assert!(t.elapsed() < Duration::from_secs(6));
+    // A cancel made while down is delivered once the server is back.
+    assert!(
+        sh(&format!("echo 1 > {}", agent.path("w1/cancel").display()))
+            .status
+            .success()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.server.set_down(false);
+    let status = wait_state(&agent, "w1", "completed", LONG);
+    assert_eq!(field(&status, "status").unwrap(), "cancelled");
+    assert!(!agent.read("w1/message").unwrap().contains("stale"));
+    // Nothing lost: the watch resumed.
+    assert_eq!(write_as(&agent, None, &format!("name=w2 {LUS_REQ}")), "ok");
+    wait_state(&agent, "w2", "completed", LONG);
+}
+
+#[test]
+fn slow_api_server_gives_eagain_after_the_timeout_and_leaves_nothing_behind() {
+    let cluster = Cluster::new();
+    let agent = cluster.agent(&["--kubernetes-timeout", "1s"]);
+    cluster.server.set_latency(Duration::from_millis(3000));
+    // Several writers at once: each answered EAGAIN in about the timeout.
+    let t = Instant::now();
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            let path = agent.path("request");
+            std::thread::spawn(move || {
+                let out = python(&format!(
+                    "import os, errno\nfd = os.open({:?}, os.O_WRONLY)\ntry:\n    os.write(fd, b'name=slow{i} {LUS_REQ}')\n    print('ok')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])\n",
+                    path.to_str().unwrap()
+                ));
+                stdout(&out).trim().to_string()
+            })
+        })
+        .collect();
+    // Reads meanwhile are not held up.
+    assert!(agent.read("version").is_ok());
+    assert!(t.elapsed() < Duration::from_millis(900));
+    for h in handles {
+        assert_eq!(h.join().unwrap(), "EAGAIN");
+    }
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(last_error(&agent, None).contains("within 1s"));
+    cluster.server.set_latency(Duration::ZERO);
+    // None of them exists, here or (after late creations are cleaned up) there.
+    assert!(!agent.path("slow0").exists());
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        wait_until(LONG, || cluster.dms().is_empty()),
+        "late creations deleted: {:?}",
+        cluster
+            .dms()
+            .iter()
+            .map(|o| o["metadata"]["name"].clone())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        write_as(&agent, None, &format!("name=slow0 {LUS_REQ}")),
+        "ok"
+    );
+}
+
+#[test]
+fn conflict_storm_on_cancel_and_410_on_watch() {
+    let cluster = Cluster::new();
+    let agent = cluster.agent(&[]);
+    assert!(agent
+        .request(
+            "name=k1 workflow=wf1 namespace=default source=/mnt/nnf/gfs-1/a destination=/x/hold"
+        )
+        .status
+        .success());
+    wait_state(&agent, "k1", "running", LONG);
+    cluster
+        .server
+        .fail_next_matching(Some("patch"), Some("nnfdatamovements"), 409, 8);
+    assert!(
+        sh(&format!("echo 1 > {}", agent.path("k1/cancel").display()))
+            .status
+            .success()
+    );
+    let status = wait_state(&agent, "k1", "completed", LONG);
+    assert_eq!(field(&status, "status").unwrap(), "cancelled");
+    let conflicts = cluster
+        .server
+        .requests()
+        .iter()
+        .filter(|r| r.verb.as_deref() == Some("patch") && r.status == 409)
+        .count();
+    assert_eq!(conflicts, 8);
+
+    // 410 Gone: the watch lists again; changes made meanwhile arrive.
+    assert!(agent
+        .request(
+            "name=k2 workflow=wf1 namespace=default source=/mnt/nnf/gfs-1/a destination=/x/hold2"
+        )
+        .status
+        .success());
+    wait_state(&agent, "k2", "running", LONG);
+    cluster.server.expire_watches();
+    let res = cluster.dm_of("k2")["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    set_status(&cluster.server, RABBIT, &res, |o| {
+        o["spec"]["cancel"] = json!(true)
+    });
+    let status = wait_state(&agent, "k2", "completed", LONG);
+    assert_eq!(field(&status, "status").unwrap(), "cancelled");
+    let lists = cluster
+        .server
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.verb.as_deref() == Some("list") && r.resource.as_deref() == Some("nnfdatamovements")
+        })
+        .count();
+    assert!(lists >= 3, "re-listed after 410 ({lists} lists)");
+    // Deleted while the watch was gone: noticed on the re-list.
+    cluster.server.set_down(true);
+    std::thread::sleep(Duration::from_millis(300));
+    let res1 = cluster.dm_of("k1")["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    cluster.server.delete_object(DM, RABBIT, &res1).unwrap();
+    cluster.server.expire_watches();
+    cluster.server.set_down(false);
+    assert!(
+        wait_until(LONG, || !agent.path("k1").exists()),
+        "k1 gone after re-list"
+    );
+}
+
+#[test]
+fn only_the_nnf_dm_clusterrole_is_needed_and_qps_is_limited() {
+    let cluster = Cluster::new();
+    let agent = cluster.agent(&["--kubernetes-qps", "5", "--kubernetes-burst", "5"]);
+    cluster.server.clear_requests();
+    let t = Instant::now();
+    let handles: Vec<_> = (0..6)
+        .map(|i| {
+            let path = agent.path("request");
+            std::thread::spawn(move || {
+                sh(&format!(
+                    "echo 'name=q{i} workflow=wf1 namespace=default source=/mnt/nnf/gfs-1/a destination=/x/q{i}' > {}",
+                    path.display()
+                ))
+                .status
+                .success()
+            })
+        })
+        .collect();
+    for h in handles {
+        assert!(h.join().unwrap());
+    }
+    let elapsed = t.elapsed();
+    let requests = cluster.server.requests();
+    let mine: Vec<_> = requests
+        .iter()
+        .filter(|r| r.account.as_deref() == Some(NNF_DM))
+        .collect();
+    // 6 creates × 5 requests (workflow, 2 ClientMount lists, profiles, create).
+    assert!(mine.len() >= 30, "{}", mine.len());
+    // 5 at once, then 5/s: at least (30 - 5) / 5 = 5 s.
+    assert!(
+        elapsed >= Duration::from_secs(4),
+        "{elapsed:?} for {} requests",
+        mine.len()
+    );
+    let mut per_second: HashMap<u64, usize> = HashMap::new();
+    let first = mine[0].at;
+    for r in &mine {
+        *per_second
+            .entry(r.at.duration_since(first).as_secs())
+            .or_default() += 1;
+    }
+    let max = per_second.values().copied().max().unwrap();
+    assert!(
+        max <= 11,
+        "at most burst + qps in any second: {per_second:?}"
+    );
+    // No request was refused by RBAC; no watch on Workflows or ClientMounts,
+    // no cluster-wide NnfDataMovement list.
+    let all = cluster.server.requests();
+    assert!(
+        all.iter().all(|r| r.status != 403),
+        "403s: {:?}",
+        all.iter().filter(|r| r.status == 403).collect::<Vec<_>>()
+    );
+    for r in &all {
+        if r.verb.as_deref() == Some("watch") {
+            assert_eq!(r.resource.as_deref(), Some("nnfdatamovements"));
+            assert!(r.namespace.is_some());
+        }
+        if r.resource.as_deref() == Some("nnfdatamovements") {
+            assert!(r.namespace.is_some(), "{r:?}");
+        }
+    }
+}
+
+/// Benchmark (not in the normal run):
+/// `cargo test -p integration-tests --test kube_backend --release -- --ignored bench --nocapture`
+#[test]
+#[ignore]
+fn bench_tracking_and_creating() {
+    let mut report = String::new();
+    for n in [1_000usize, 10_000] {
+        let cluster = Cluster::bare();
+        // n operations the agent created earlier (as a restart finds them).
+        for i in 0..n {
+            let note = json!({"name": format!("b{i}"), "uid": 0, "gid": 0,
+                "request": {"name": format!("b{i}"), "source": "/mnt/nnf/gfs-1/a", "destination": "/x",
+                  "workflow": "wf1", "namespace": "default", "profile": "default", "dryrun": false,
+                  "slots": -1, "max_slots": -1, "dcp_options": "", "mpirun_options": "",
+                  "log_stdout": false, "store_stdout": false}});
+            cluster.server.put_object(json!({
+                "apiVersion": "nnf.cray.hpe.com/v1alpha11", "kind": DM,
+                "metadata": {"name": format!("nnf-dm-node-b{i}"), "namespace": RABBIT,
+                    "labels": {"dm.cray.hpe.com/initiator": NODE},
+                    "annotations": {"dm.cray.hpe.com/nnf-dm-operation": note.to_string()}},
+                "spec": {"source": {"path": "/a"}, "destination": {"path": "/x"}, "userId": 0, "groupId": 0},
+                "status": {"state": "Running", "startTime": "2024-01-01T00:00:00Z",
+                    "commandStatus": {"progress": 40, "lastMessage": "x"}},
+            }));
+        }
+        let t = Instant::now();
+        let agent = cluster.agent(&[
+            "--kubernetes-timeout",
+            "60s",
+            "--max-ops-per-user",
+            "100000",
+        ]);
+        assert!(wait_until(Duration::from_secs(120), || agent
+            .path(&format!("b{}", n - 1))
+            .exists()));
+        let listed = t.elapsed();
+        let mut lat: Vec<Duration> = Vec::new();
+        for i in 0..2000 {
+            let p = agent.path(&format!("b{}/status", (i * 7919) % n));
+            let t = Instant::now();
+            let s = std::fs::read_to_string(&p).unwrap();
+            lat.push(t.elapsed());
+            assert!(s.contains("state=running"));
+        }
+        lat.sort();
+        let p50 = lat[lat.len() / 2];
+        let p99 = lat[lat.len() * 99 / 100];
+        let rss = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("VmRSS"))
+            .unwrap()
+            .to_string();
+        // Creates under the default QPS/burst (50/100).
+        cluster.server.clear_requests();
+        let creates = 200;
+        let t = Instant::now();
+        let handles: Vec<_> = (0..8)
+            .map(|w| {
+                let path = agent.path("request");
+                std::thread::spawn(move || {
+                    let mut script = String::from("import os\n");
+                    for i in (w..creates).step_by(8) {
+                        script.push_str(&format!(
+                            "fd = os.open({:?}, os.O_WRONLY)\nos.write(fd, b'name=n{i} workflow=wf1 namespace=default source=/mnt/nnf/gfs-1/a destination=/x/never{i}')\nos.close(fd)\n",
+                            path.to_str().unwrap()
+                        ));
+                    }
+                    assert!(python(&script).status.success());
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let create_time = t.elapsed();
+        let reqs = cluster
+            .server
+            .requests()
+            .iter()
+            .filter(|r| r.account.as_deref() == Some(NNF_DM) && r.verb.as_deref() != Some("watch"))
+            .count();
+        let line = format!(
+            "| {n} | {listed:.2?} | {p50:.1?} | {p99:.1?} | {} | {:.2} | {:.1} |\n",
+            rss.split_whitespace().nth(1).unwrap_or("?").to_string() + " kB",
+            reqs as f64 / creates as f64,
+            creates as f64 / create_time.as_secs_f64(),
+        );
+        eprint!("{line}");
+        report.push_str(&line);
+    }
+    eprintln!(
+        "| tracked | listed at start in | status read p50 | p99 | agent RSS | API requests / create | creates/s |\n{report}"
+    );
+}
