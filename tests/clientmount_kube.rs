@@ -487,6 +487,53 @@ fn lustre_servers_forbidden_is_best_effort() {
     assert_clean_requests(&w.server);
 }
 
+/// Issue 4 in Kubernetes mode: two ClientMounts on different paths are
+/// mounting at the same moment (each waits in the Lustre `mount` stand-in
+/// until the other has started); two on the same path never overlap.
+#[test]
+fn different_paths_mount_concurrently_same_path_never_overlaps() {
+    let w = World::new("knode7");
+    let log = w.cmdlog();
+    timing_mount_stub(&w.bin(), &log, "/par-", 2);
+    let mut prof = profile();
+    prof["data"] = json!({"pinned": true, "lustreStorage": {"clientOptions": {"commandlines": {
+        "mountCompute": "$MGS_NID:/$FS_NAME $MOUNT_PATH", "unmountCompute": "$MOUNT_PATH"}}}});
+    w.server.put_object(prof);
+    let shared = w.p("mnt/shared");
+    let names = ["par0", "par1", "same0", "same1"];
+    for name in names {
+        let path = match name {
+            "par0" => w.p("mnt/par-0"),
+            "par1" => w.p("mnt/par-1"),
+            _ => shared.clone(),
+        };
+        w.put_cm(name, "mounted", json!([{
+            "mountPath": path, "type": "lustre", "targetType": "directory", "options": "",
+            "setPermissions": false,
+            "device": {"type": "lustre", "lustre": {"fileSystemName": name, "mgsAddresses": "10.1.0.1@o2ib"}}}]));
+    }
+    let d = w.start();
+    for name in names {
+        w.wait_cm(&d, name, "allReady mounted", all_ready("mounted"));
+    }
+    wait_mounts_settled(&d, &log);
+    let (runs, overlaps) = mount_runs(&log);
+    assert!(overlaps.is_empty(), "{overlaps:?}");
+    // Each status write is a watch event and so another reconcile, which
+    // mounts again here (the stand-in leaves nothing in mountinfo): every
+    // run counts for the same path, the first ones for concurrency.
+    let same: Vec<&MountRun> = runs
+        .iter()
+        .filter(|r| r.source.contains(":/same"))
+        .collect();
+    let (par, firsts) = (first_runs(&runs, ":/par"), first_runs(&runs, ":/same"));
+    assert_eq!((par.len(), firsts.len()), (2, 2), "{runs:#?}");
+    assert!(same.iter().all(|r| r.path == shared.display().to_string()));
+    assert_all_overlap(&par);
+    assert_none_overlap(&same);
+    assert_clean_requests(&w.server);
+}
+
 #[test]
 fn startup_checks_name_the_flag() {
     let w = World::new("knode5");

@@ -556,3 +556,82 @@ fn version_and_incomplete_kubernetes_settings_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--service-token-file not given"), "{err}");
 }
+
+/// Issue 4: ClientMounts are reconciled concurrently, but never two at once
+/// on the same mount path. Six ClientMounts are there when the daemon
+/// starts; the Lustre `mount` stand-in records when each mount runs. Three
+/// with different paths must all be mounting at the same moment (each
+/// waits in the stand-in until the other two have started); three on one
+/// path (one spelled with a trailing `/`) must never overlap, and they do
+/// not hold up the others.
+#[test]
+fn different_paths_mount_concurrently_same_path_never_overlaps() {
+    let w = World::new();
+    let log = w.cmdlog();
+    timing_mount_stub(&w.bin(), &log, "/par-", 3);
+    w.put(
+        "profile",
+        &profile(json!({"lustreStorage": {"clientOptions": {"commandlines": {
+            "mountCompute": "$MGS_NID:/$FS_NAME $MOUNT_PATH", "unmountCompute": "$MOUNT_PATH"}}}})),
+    );
+    let lustre = |path: String, fs_name: &str| {
+        let mut cm = clientmount(
+            "mounted",
+            json!([{
+            "mountPath": path, "type": "lustre", "targetType": "directory", "options": "",
+            "setPermissions": false,
+            "device": {"type": "lustre", "lustre": {"fileSystemName": fs_name, "mgsAddresses": "10.1.0.1@o2ib"}}}]),
+        );
+        cm["metadata"]["name"] = json!(fs_name);
+        cm
+    };
+    let shared = w.p("mnt/shared");
+    let mut names = Vec::new();
+    for i in 0..3 {
+        let name = format!("par{i}");
+        let path = w.p(&format!("mnt/par-{i}")).display().to_string();
+        w.put(&name, &lustre(path, &name));
+        names.push(name);
+    }
+    for i in 0..3 {
+        let name = format!("same{i}");
+        let mut path = shared.display().to_string();
+        if i == 1 {
+            path.push('/');
+        }
+        w.put(&name, &lustre(path, &name));
+        names.push(name);
+    }
+
+    let d = w.start();
+    for name in &names {
+        wait_status(&w.spec(), name, &d, T, all_ready("mounted"));
+    }
+    let (runs, overlaps) = mount_runs(&log);
+    assert!(overlaps.is_empty(), "{overlaps:?}");
+    assert_eq!(runs.len(), 6, "one mount per ClientMount: {runs:#?}");
+    let src = |name: &str| format!("10.1.0.1@o2ib:/{name}");
+    let par: Vec<&MountRun> = runs.iter().filter(|r| r.source.contains(":/par")).collect();
+    let same: Vec<&MountRun> = runs
+        .iter()
+        .filter(|r| r.source.contains(":/same"))
+        .collect();
+    assert_eq!(par.len(), 3, "{runs:#?}");
+    assert_eq!(same.len(), 3, "{runs:#?}");
+    for i in 0..3 {
+        let r = par.iter().find(|r| r.source == src(&format!("par{i}")));
+        let r = r.unwrap_or_else(|| panic!("par{i} not mounted: {runs:#?}"));
+        assert_eq!(r.path, w.p(&format!("mnt/par-{i}")).display().to_string());
+    }
+    for r in &same {
+        assert_eq!(r.path, shared.display().to_string(), "{r:?}");
+    }
+    // Concurrency: the three different paths were mounting at once.
+    assert_all_overlap(&par);
+    // Serialization: the one path was mounted by one ClientMount at a time.
+    assert_none_overlap(&same);
+    // ... while the others were not held up by it: they all started before
+    // the first mount of the shared path had finished.
+    let first_same_end = same.iter().map(|r| r.end).min().unwrap();
+    assert!(par.iter().all(|r| r.start < first_same_end), "{runs:#?}");
+}

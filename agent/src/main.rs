@@ -104,25 +104,34 @@ struct RunArgs {
 /// Settings of the Kubernetes backend (upstream's flags).
 #[derive(Args, Debug)]
 struct KubeArgs {
+    /// Kubernetes API server host (with the port, selects https://HOST:PORT).
     #[arg(long, env = "KUBERNETES_SERVICE_HOST")]
     kubernetes_service_host: Option<String>,
+    /// Kubernetes API server port.
     #[arg(long, env = "KUBERNETES_SERVICE_PORT")]
     kubernetes_service_port: Option<String>,
+    /// File holding the service account's bearer token (no trailing newline).
     #[arg(long, env = "NNF_DATA_MOVEMENT_SERVICE_TOKEN_FILE")]
     service_token_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the API server's certificate.
     #[arg(long, env = "NNF_DATA_MOVEMENT_SERVICE_CERT_FILE")]
     service_cert_file: Option<PathBuf>,
+    /// This compute node's name [default: the host name up to the first dot].
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
+    /// The Rabbit serving this node [default: looked up in the SystemConfiguration].
     #[arg(long, env = "NNF_NODE_NAME")]
     nnf_node_name: Option<String>,
-    /// SystemConfiguration name.
+    /// SystemConfiguration to look the Rabbit up in [default: default].
     #[arg(long)]
     sys_config: Option<String>,
+    /// Client-side limit on API requests per second [default: 50].
     #[arg(long)]
     kubernetes_qps: Option<f64>,
+    /// Client-side burst of API requests above the rate [default: 100].
     #[arg(long)]
     kubernetes_burst: Option<u32>,
+    /// kubeconfig to use when no host/port is given (else in-cluster config).
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
     /// How long a request may wait for the Kubernetes API server before it

@@ -371,3 +371,155 @@ pub fn proc_sample(pid: u32) -> ProcSample {
     }
     s
 }
+
+/// A recording Lustre `mount` stand-in that shows whether mounts overlap in
+/// time. Each call (`mount -t lustre SRC PATH`) appends `start PATH SRC NS`
+/// and later `end PATH SRC NS` to `log` (NS: nanoseconds since the epoch;
+/// PATH without a trailing `/`). In between it holds PATH for itself with
+/// an atomic `mkdir` next to the log: a second mount of the same PATH while
+/// one runs appends `overlap PATH SRC`. A mount whose PATH contains `meet`
+/// waits (up to 10 s) until `meet_count` such mounts have started, which
+/// only a daemon running them at the same time gets past; any other mount
+/// sleeps 1 s, so that overlapping ones would be seen.
+pub fn timing_mount_stub(bin: &Path, log: &Path, meet: &str, meet_count: usize) {
+    let held = log.with_extension("held");
+    fs::create_dir_all(&held).expect("held dir");
+    stub(
+        bin,
+        "mount",
+        &format!(
+            r#"src="$3"; path="${{4%/}}"; log='{log}'
+now() {{ date +%s%N; }}
+echo "start $path $src $(now)" >> "$log"
+mine='{held}'/"${{path//\//_}}"
+ours=1
+mkdir "$mine" 2>/dev/null || {{ ours=0; echo "overlap $path $src" >> "$log"; }}
+case "$path" in
+  *'{meet}'*)
+    for _ in $(seq 200); do
+      [ "$(grep -c "^start [^ ]*{meet}" "$log")" -ge {meet_count} ] && break
+      sleep 0.05
+    done ;;
+  *) sleep 1 ;;
+esac
+echo "end $path $src $(now)" >> "$log"
+[ "$ours" = 1 ] && rmdir "$mine"
+exit 0"#,
+            log = log.display(),
+            held = held.display(),
+        ),
+    );
+}
+
+/// One call of the [`timing_mount_stub`].
+#[derive(Debug, Clone)]
+pub struct MountRun {
+    pub path: String,
+    pub source: String,
+    pub start: u128,
+    pub end: u128,
+}
+
+/// The calls the [`timing_mount_stub`] recorded, in the order they started,
+/// and its `overlap` lines. A source is one ClientMount, which may mount
+/// again on a later reconcile (the stand-in leaves nothing in mountinfo),
+/// but never twice at once: that panics.
+pub fn mount_runs(log: &Path) -> (Vec<MountRun>, Vec<String>) {
+    let mut runs: Vec<MountRun> = Vec::new();
+    let mut overlaps = Vec::new();
+    for line in read_lines(log) {
+        let f: Vec<&str> = line.split(' ').collect();
+        match f.as_slice() {
+            ["start", path, src, ns] => {
+                assert!(
+                    !runs.iter().any(|r| r.source == *src && r.end == 0),
+                    "{src} mounting twice at once: {}",
+                    read_lines(log).join("\n")
+                );
+                runs.push(MountRun {
+                    path: path.to_string(),
+                    source: src.to_string(),
+                    start: ns.parse().expect("start ns"),
+                    end: 0,
+                });
+            }
+            ["end", _, src, ns] => {
+                let run = runs
+                    .iter_mut()
+                    .rev()
+                    .find(|r| r.source == *src && r.end == 0)
+                    .unwrap_or_else(|| panic!("end without start: {line}"));
+                run.end = ns.parse().expect("end ns");
+            }
+            ["overlap", ..] => overlaps.push(line.clone()),
+            _ => panic!("unexpected line in {}: {line}", log.display()),
+        }
+    }
+    for r in &runs {
+        assert!(r.end >= r.start, "unfinished or backwards: {r:?}");
+    }
+    (runs, overlaps)
+}
+
+/// Wait until every call of the [`timing_mount_stub`] has ended and the
+/// log has not changed for 1.5 s (longer than one call sleeps).
+pub fn wait_mounts_settled(daemon: &Daemon, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = (read_lines(log), Instant::now());
+    loop {
+        sleep(Duration::from_millis(100));
+        let now = read_lines(log);
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else {
+            let count = |w: &str| now.iter().filter(|l| l.starts_with(w)).count();
+            if count("start ") == count("end ") && last.1.elapsed() > Duration::from_millis(1500) {
+                return;
+            }
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "mounts did not settle: {:?}\ndaemon log:\n{}",
+                last.0,
+                daemon.log_text()
+            );
+        }
+    }
+}
+
+/// The first run of each source of `runs` that contains `part`.
+pub fn first_runs<'a>(runs: &'a [MountRun], part: &str) -> Vec<&'a MountRun> {
+    let mut firsts: Vec<&MountRun> = Vec::new();
+    for r in runs.iter().filter(|r| r.source.contains(part)) {
+        if !firsts.iter().any(|f| f.source == r.source) {
+            firsts.push(r);
+        }
+    }
+    firsts
+}
+
+/// All of `runs` were in progress at one moment: the last start comes
+/// before the first end.
+pub fn assert_all_overlap(runs: &[&MountRun]) {
+    let last_start = runs.iter().map(|r| r.start).max().expect("runs");
+    let first_end = runs.iter().map(|r| r.end).min().expect("runs");
+    assert!(
+        last_start < first_end,
+        "not concurrent (last start {last_start} >= first end {first_end}): {runs:#?}"
+    );
+}
+
+/// No two of `runs` were in progress at once: ordered by start, each one
+/// ends before the next starts.
+pub fn assert_none_overlap(runs: &[&MountRun]) {
+    let mut sorted = runs.to_vec();
+    sorted.sort_by_key(|r| r.start);
+    for pair in sorted.windows(2) {
+        assert!(
+            pair[0].end <= pair[1].start,
+            "overlapping mounts of {}: {:#?}",
+            pair[0].path,
+            pair
+        );
+    }
+}
