@@ -463,12 +463,14 @@ fn lustre_servers_forbidden_is_best_effort() {
     let d = w.start();
     let o = w.wait_cm(&d, "cm", "lustre allReady", all_ready("mounted"));
     assert!(o["status"].get("error").is_none(), "{o:#}");
-    assert_eq!(
-        w.commands(),
-        vec![format!(
-            "mount -t lustre 10.1.0.1@o2ib:/lusfs {}",
-            mnt.display()
-        )]
+    // The daemon's own status write comes back as a watch event and may
+    // reconcile once more; the stand-in leaves no mount behind for the
+    // idempotency check to see, so it may be asked again: same line each time.
+    let expected = format!("mount -t lustre 10.1.0.1@o2ib:/lusfs {}", mnt.display());
+    let commands = w.commands();
+    assert!(
+        !commands.is_empty() && commands.iter().all(|c| *c == expected),
+        "{commands:?}"
     );
     assert!(!mnt.join(".nnf-servers.json").exists());
     w.set_state("cm", "unmounted");

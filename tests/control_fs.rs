@@ -642,6 +642,17 @@ fn two_hundred_concurrent_requests_from_several_users_are_all_kept() {
     }
 }
 
+/// An agent with the profiles `json` (a `--profiles` array) and `extra` flags;
+/// the directory holding the profiles file lives as long as the first value.
+fn agent_with_profiles(json: &str, extra: &[&str]) -> (tempfile::TempDir, Agent) {
+    let dir = scratch();
+    let profiles = profiles_file(dir.path(), json);
+    let mut args = vec!["--profiles", profiles.as_str()];
+    args.extend_from_slice(extra);
+    let agent = Agent::start(&args);
+    (dir, agent)
+}
+
 fn profiles_file(dir: &Path, json: &str) -> String {
     let path = dir.join("profiles.json");
     std::fs::write(&path, json).unwrap();
@@ -711,9 +722,10 @@ fn cancel_stops_a_running_copy_and_its_process_group() {
 
 #[test]
 fn cancel_before_start_completes_as_cancelled() {
-    let dir = scratch();
-    let profiles = profiles_file(dir.path(), r#"[{"name":"slow","command":"sleep 60"}]"#);
-    let agent = Agent::start(&["--profiles", &profiles, "--max-active", "1"]);
+    let (_profiles, agent) = agent_with_profiles(
+        r#"[{"name":"slow","command":"sleep 60"}]"#,
+        &["--max-active", "1"],
+    );
     agent.request("name=first profile=slow source=/etc/hostname destination=/tmp/x");
     agent.request("name=second profile=slow source=/etc/hostname destination=/tmp/x");
     assert!(wait_until(LONG, || agent.read("first/state").unwrap() == "running\n"));
@@ -736,9 +748,7 @@ fn cancel_before_start_completes_as_cancelled() {
 
 #[test]
 fn wait_blocks_until_completion_and_is_eagain_when_nonblocking() {
-    let dir = scratch();
-    let profiles = profiles_file(dir.path(), r#"[{"name":"two","command":"sleep 3"}]"#);
-    let agent = Agent::start(&["--profiles", &profiles]);
+    let (_profiles, agent) = agent_with_profiles(r#"[{"name":"two","command":"sleep 3"}]"#, &[]);
     agent.request("name=w1 profile=two source=/etc/hostname destination=/tmp/x");
     let out = python(&format!(
         "import os, errno\nfd = os.open({:?}, os.O_RDONLY | os.O_NONBLOCK)\ntry:\n    os.read(fd, 4096)\n    print('read')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])\n",
@@ -762,9 +772,7 @@ fn wait_blocks_until_completion_and_is_eagain_when_nonblocking() {
 }
 
 fn blocked_wait_ends_on(signal: &str) {
-    let dir = scratch();
-    let profiles = profiles_file(dir.path(), r#"[{"name":"slow","command":"sleep 60"}]"#);
-    let agent = Agent::start(&["--profiles", &profiles]);
+    let (_profiles, agent) = agent_with_profiles(r#"[{"name":"slow","command":"sleep 60"}]"#, &[]);
     agent.request("name=s profile=slow source=/etc/hostname destination=/tmp/x");
     let mut cat = std::process::Command::new("cat")
         .arg(agent.path("s/wait"))
@@ -819,9 +827,7 @@ fn blocked_wait_ends_on_sigkill() {
 
 #[test]
 fn blocked_wait_ends_for_a_handled_signal_and_sa_restart_waits_again() {
-    let dir = scratch();
-    let profiles = profiles_file(dir.path(), r#"[{"name":"slow","command":"sleep 3"}]"#);
-    let agent = Agent::start(&["--profiles", &profiles]);
+    let (_profiles, agent) = agent_with_profiles(r#"[{"name":"slow","command":"sleep 3"}]"#, &[]);
     agent.request("name=h profile=slow source=/etc/hostname destination=/tmp/x");
     // Python's default SIGINT handler raises KeyboardInterrupt: the read ends at once.
     let out = python(&format!(
@@ -868,9 +874,7 @@ fn poll_wakes_on_state_changes_only() {
 
 #[test]
 fn reads_are_snapshots_and_seek_zero_refreshes() {
-    let dir = scratch();
-    let profiles = profiles_file(dir.path(), r#"[{"name":"slow","command":"sleep 1"}]"#);
-    let agent = Agent::start(&["--profiles", &profiles]);
+    let (_profiles, agent) = agent_with_profiles(r#"[{"name":"slow","command":"sleep 1"}]"#, &[]);
     agent.request("name=snap profile=slow source=/etc/hostname destination=/tmp/x");
     let out = python(&format!(
         "import os, time\nfd = os.open({:?}, os.O_RDONLY)\nfirst = os.read(fd, 10)\ntime.sleep(2.5)\nrest = os.read(fd, 4096)\nos.lseek(fd, 0, os.SEEK_SET)\nfresh = os.read(fd, 4096)\nprint((first + rest).decode().splitlines()[1])\nprint(fresh.decode().splitlines()[1])\n",
