@@ -1259,3 +1259,59 @@ fn json_logs_carry_the_operation_and_user_on_every_line() {
     }
     assert!(about_ops >= 2, "{log}");
 }
+
+#[test]
+fn cancel_of_a_native_copy_escalates_to_sigkill() {
+    let agent = Agent::start(&[]);
+    let src = agent.dir.path().join("many");
+    let out = python(&format!(
+        "import os\nfor d in range(3):\n    p = os.path.join({:?}, 'd%d' % d)\n    os.makedirs(p)\n    for f in range(1000):\n        os.close(os.open(os.path.join(p, 'f%04d' % f), os.O_CREAT | os.O_WRONLY, 0o644))\n",
+        src.to_str().unwrap()
+    ));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dst = agent.dir.path().join("many-out");
+    agent.request(&format!(
+        "name=big slots=1 source={} destination={}",
+        src.display(),
+        dst.display()
+    ));
+    // Freeze the copy process as soon as it exists: it can neither finish nor
+    // act on SIGTERM, so only the agent's SIGKILL after the grace ends it.
+    let needle = dst.to_str().unwrap().as_bytes().to_vec();
+    let mut worker = None;
+    assert!(wait_until(LONG, || {
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if cmdline
+                .windows(needle.len())
+                .any(|w| w == needle.as_slice())
+                && cmdline.starts_with(b"/")
+            {
+                // SAFETY: signalling a process the agent started for this test.
+                unsafe { libc::kill(pid, libc::SIGSTOP) };
+                worker = Some(pid);
+                return true;
+            }
+        }
+        false
+    }));
+    let worker = worker.unwrap();
+    assert!(wait_until(LONG, || agent.read("big/state").unwrap() == "running\n"));
+    let started = Instant::now();
+    sh(&format!("echo 1 > {}", agent.path("big/cancel").display()));
+    assert_eq!(agent.read("big/state").unwrap(), "cancelling\n");
+    let status = agent.wait_completed("big", Duration::from_secs(10));
+    assert_eq!(field(&status, "status").unwrap(), "cancelled", "{status}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/proc/{worker}")).exists(),
+        "the copy process is gone"
+    );
+}
