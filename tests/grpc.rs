@@ -102,78 +102,15 @@ fn status_until(
 // ---- a client running as another user: this test binary, re-executed ----
 
 /// Not a test of its own: the body of `as_user`, which re-runs this binary as
-/// a user with NNF_DM_GRPC_HELPER set. One action; prints `key=value` lines.
+/// another user (SO_PEERCRED is the identity over gRPC).
 #[test]
 fn helper_client() {
-    let Ok(action) = std::env::var("NNF_DM_GRPC_HELPER") else {
-        return;
-    };
-    let socket = PathBuf::from(std::env::var("NNF_DM_GRPC_SOCKET").unwrap());
-    let args: Vec<&str> = action.split('\t').collect();
-    let workflow = std::env::var("NNF_DM_GRPC_WORKFLOW").ok().map(|w| {
-        let (name, namespace) = w.split_once('/').unwrap();
-        DataMovementWorkflow {
-            name: name.into(),
-            namespace: namespace.into(),
-        }
-    });
-    let mut client = Client::connect(&socket);
-    // libtest has printed `test helper_client ... ` without a newline.
-    println!();
-    let escape = |s: &str| s.replace('\\', "\\\\").replace('\n', "\\n");
-    match args[..] {
-        ["create", source, destination, dry] => {
-            let r = client.create(DataMovementCreateRequest {
-                workflow,
-                dryrun: dry == "dryrun",
-                ..copy(source, destination)
-            });
-            println!("uid={}", r.uid);
-            println!("status={}", r.status().as_str_name());
-            println!("message={}", escape(&r.message));
-        }
-        ["status", uid, wait] => {
-            let r = client.status(uid, wait.parse().unwrap());
-            println!("state={}", r.state().as_str_name());
-            println!("status={}", r.status().as_str_name());
-            println!("message={}", escape(&r.message));
-            println!("command_status={}", r.command_status.is_some());
-        }
-        ["list"] => println!("uids={}", client.list(workflow).join(",")),
-        ["cancel", uid] => {
-            let r = client.cancel(uid);
-            println!("status={}", r.status().as_str_name());
-            println!("message={}", escape(&r.message));
-        }
-        ["delete", uid] => {
-            let r = client.delete(uid);
-            println!("status={}", r.status().as_str_name());
-            println!("message={}", escape(&r.message));
-        }
-        _ => panic!("unknown helper action {action:?}"),
-    }
+    grpc_client::helper_main();
 }
 
 /// The helper client as a command: `user` (or root when None) runs `action`.
 fn helper_cmd(agent: &Agent, user: Option<&User>, action: &[&str]) -> Command {
-    let exe = std::env::current_exe().unwrap();
-    let exe = exe.to_str().unwrap();
-    let mut cmd = match user {
-        Some(user) => as_user_cmd(user, exe),
-        None => Command::new(exe),
-    };
-    cmd.args([
-        "--exact",
-        "helper_client",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env("NNF_DM_GRPC_HELPER", action.join("\t"))
-    .env("NNF_DM_GRPC_SOCKET", socket(agent))
-    .env_remove("DW_WORKFLOW_NAME")
-    .env_remove("DW_WORKFLOW_NAMESPACE")
-    .env_remove("NNF_DM_GRPC_WORKFLOW");
-    cmd
+    grpc_client::helper_command("helper_client", &socket(agent), user, action)
 }
 
 /// Runs `action` as `user` over gRPC; its `key=value` output.

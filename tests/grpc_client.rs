@@ -118,3 +118,102 @@ pub fn copy(source: &str, destination: &str) -> DataMovementCreateRequest {
         ..Default::default()
     }
 }
+
+// ---- a client running as another user: a test binary, re-executed ----
+//
+// A test file that wants to connect as another user (SO_PEERCRED is the
+// identity) defines a test that calls `helper_main()` and runs itself with
+// `helper_command`. The helper does one action and prints `key=value` lines.
+
+/// The helper's action, socket and workflow come from these variables.
+pub const HELPER_ACTION: &str = "NNF_DM_GRPC_HELPER";
+pub const HELPER_SOCKET: &str = "NNF_DM_GRPC_SOCKET";
+/// `name/namespace`: the `workflow` of the Create or List message.
+pub const HELPER_WORKFLOW: &str = "NNF_DM_GRPC_WORKFLOW";
+
+/// The body of the helper test: does nothing unless `HELPER_ACTION` is set.
+/// Actions (tab-separated): `create SRC DST dryrun|copy`, `status UID WAIT`,
+/// `list`, `cancel UID`, `delete UID`.
+pub fn helper_main() {
+    let Ok(action) = std::env::var(HELPER_ACTION) else {
+        return;
+    };
+    let socket = PathBuf::from(std::env::var(HELPER_SOCKET).unwrap());
+    let args: Vec<&str> = action.split('\t').collect();
+    let workflow = std::env::var(HELPER_WORKFLOW).ok().map(|w| {
+        let (name, namespace) = w.split_once('/').unwrap();
+        DataMovementWorkflow {
+            name: name.into(),
+            namespace: namespace.into(),
+        }
+    });
+    let mut client = Client::connect(&socket);
+    // libtest has printed `test <name> ... ` without a newline.
+    println!();
+    let escape = |s: &str| s.replace('\\', "\\\\").replace('\n', "\\n");
+    match args[..] {
+        ["create", source, destination, dry] => {
+            let r = client.create(DataMovementCreateRequest {
+                workflow,
+                dryrun: dry == "dryrun",
+                ..copy(source, destination)
+            });
+            println!("uid={}", r.uid);
+            println!("status={}", r.status().as_str_name());
+            println!("message={}", escape(&r.message));
+        }
+        ["status", uid, wait] => {
+            let t0 = std::time::Instant::now();
+            let r = client.status(uid, wait.parse().unwrap());
+            println!("waited_ms={}", t0.elapsed().as_millis());
+            println!("state={}", r.state().as_str_name());
+            println!("status={}", r.status().as_str_name());
+            println!("message={}", escape(&r.message));
+            println!("command_status={}", r.command_status.is_some());
+            let cs = r.command_status.unwrap_or_default();
+            println!("command={}", escape(&cs.command));
+            println!("progress={}", cs.progress);
+            println!("elapsed_time={}", cs.elapsed_time);
+            println!("last_message={}", escape(&cs.last_message));
+            println!("last_message_time={}", cs.last_message_time);
+            println!("start_time={}", r.start_time);
+            println!("end_time={}", r.end_time);
+        }
+        ["list"] => println!("uids={}", client.list(workflow).join(",")),
+        ["cancel", uid] => {
+            let r = client.cancel(uid);
+            println!("status={}", r.status().as_str_name());
+            println!("message={}", escape(&r.message));
+        }
+        ["delete", uid] => {
+            let r = client.delete(uid);
+            println!("status={}", r.status().as_str_name());
+            println!("message={}", escape(&r.message));
+        }
+        _ => panic!("unknown helper action {action:?}"),
+    }
+}
+
+/// Re-runs the current test binary's `test` (which calls `helper_main`) as
+/// `user` (root when None) to do `action` on `socket`. The caller's
+/// `DW_WORKFLOW_*` are not passed on; add them with `envs` if wanted.
+pub fn helper_command(
+    test: &str,
+    socket: &Path,
+    user: Option<&integration_tests::User>,
+    action: &[&str],
+) -> std::process::Command {
+    let exe = std::env::current_exe().unwrap();
+    let exe = exe.to_str().unwrap();
+    let mut cmd = match user {
+        Some(user) => integration_tests::as_user_cmd(user, exe),
+        None => std::process::Command::new(exe),
+    };
+    cmd.args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(HELPER_ACTION, action.join("\t"))
+        .env(HELPER_SOCKET, socket)
+        .env_remove("DW_WORKFLOW_NAME")
+        .env_remove("DW_WORKFLOW_NAMESPACE")
+        .env_remove(HELPER_WORKFLOW);
+    cmd
+}

@@ -3,10 +3,17 @@
 //! `--service-cert-file`) to the in-process API server of `kube-testserver`
 //! (real CRD schemas, real nnf-dm ClusterRole), with a simulated Rabbit.
 
+#[path = "grpc_client.rs"]
+mod grpc_client;
+
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dm_proto::data_movement_status_response::{State, Status as OpStatus};
+use dm_proto::DataMovementStatusResponse;
+use grpc_client::Client;
 use integration_tests::*;
 use kube_testserver::{Config, EventType, TestServer, NNF_DM};
 use serde_json::{json, Value};
@@ -1218,6 +1225,469 @@ fn only_the_nnf_dm_clusterrole_is_needed_and_qps_is_limited() {
             assert!(r.namespace.is_some(), "{r:?}");
         }
     }
+}
+
+// ---- the gRPC door over this backend (issue 6: "both backends behind it") ----
+
+const HELPER: &str = "grpc_helper_client";
+
+/// Not a test of its own: the body of `grpc_as`, which re-runs this binary
+/// as another user (SO_PEERCRED is the identity over gRPC).
+#[test]
+fn grpc_helper_client() {
+    grpc_client::helper_main();
+}
+
+fn grpc_socket(agent: &Agent) -> PathBuf {
+    agent.dir.path().join("nnf-dm.sock")
+}
+
+/// A root client in this process, once the socket answers.
+fn grpc_root(agent: &Agent) -> Client {
+    let sock = grpc_socket(agent);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        }),
+        "no gRPC socket; log:\n{}",
+        agent.log()
+    );
+    Client::connect(&sock)
+}
+
+/// Runs `action` over gRPC as `user` with `env`; its `key=value` output.
+fn grpc_as(agent: &Agent, user: &User, action: &[&str], env: &[(&str, &str)]) -> String {
+    let out = grpc_client::helper_command(HELPER, &grpc_socket(agent), Some(user), action)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helper {action:?} as {}: {}\n{}",
+        user.name,
+        stdout(&out),
+        stderr(&out)
+    );
+    stdout(&out)
+}
+
+fn grpc_list(agent: &Agent, user: &User) -> Vec<String> {
+    field(&grpc_as(agent, user, &["list"], &[]), "uids")
+        .unwrap()
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Creates a copy as `user` with the workflow `wf1/default` in the message;
+/// insists on SUCCESS and returns the operation's name.
+fn grpc_created(agent: &Agent, user: &User, source: &str, destination: &str) -> String {
+    let out = grpc_as(
+        agent,
+        user,
+        &["create", source, destination, "copy"],
+        &[(grpc_client::HELPER_WORKFLOW, "wf1/default")],
+    );
+    assert_eq!(field(&out, "status").unwrap(), "SUCCESS", "{out}");
+    assert_eq!(field(&out, "message").unwrap(), "", "{out}");
+    field(&out, "uid").unwrap()
+}
+
+fn resource_name(dm: &Value) -> String {
+    dm["metadata"]["name"].as_str().unwrap().to_string()
+}
+
+fn grpc_state(r: &DataMovementStatusResponse) -> (State, OpStatus) {
+    (
+        State::try_from(r.state).unwrap(),
+        OpStatus::try_from(r.status).unwrap(),
+    )
+}
+
+/// Polls `Status` (as root) until `cond` holds.
+fn grpc_status_until(
+    c: &mut Client,
+    uid: &str,
+    cond: impl Fn(&DataMovementStatusResponse) -> bool,
+) -> DataMovementStatusResponse {
+    let deadline = Instant::now() + LONG;
+    loop {
+        let r = c.status(uid, 0);
+        if cond(&r) {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "timed out; last {r:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn grpc_create_makes_the_resource_and_a_status_wait_wakes_when_the_rabbit_finishes() {
+    let cluster = Cluster::with_step(Duration::from_millis(400));
+    let agent = cluster.agent(&[]);
+    let (u1, u2) = (user("nnfdmt1"), user("nnfdmt2"));
+    let uid = grpc_created(&agent, &u1, "/mnt/nnf/gfs-1/a/b", "/home/me/out");
+    assert!(uid.starts_with("dm-"), "generated name: {uid}");
+
+    // The resource, as for a write to `request`, with the caller's identity
+    // taken from the connection's peer credentials.
+    let dm = cluster.dm_of(&uid);
+    let wf_uid =
+        cluster.server.get_object("Workflow", WF_NS, "wf1").unwrap()["metadata"]["uid"].clone();
+    assert_eq!(dm["metadata"]["namespace"], RABBIT);
+    assert_eq!(dm["metadata"]["generateName"], "nnf-dm-node-");
+    assert!(resource_name(&dm).starts_with("nnf-dm-node-"));
+    assert_eq!(
+        dm["metadata"]["labels"],
+        json!({
+            "dm.cray.hpe.com/initiator": NODE,
+            "dataworkflowservices.github.io/workflow.name": "wf1",
+            "dataworkflowservices.github.io/workflow.namespace": WF_NS,
+            "dataworkflowservices.github.io/workflow.uid": wf_uid,
+            "dataworkflowservices.github.io/owner.kind": "Workflow",
+            "dataworkflowservices.github.io/owner.name": "wf1",
+            "dataworkflowservices.github.io/owner.namespace": WF_NS,
+            "dataworkflowservices.github.io/owner.uid": wf_uid,
+            "nnf.cray.hpe.com/teardown_state": "PostRun",
+        })
+    );
+    assert_eq!(
+        dm["spec"],
+        json!({
+            "cancel": false,
+            "source": {"path": "/rabbit/gfs-1/compute-1/a/b",
+                       "storageReference": {"kind": "NnfNodeBlockStorage", "name": "wf1-1", "namespace": RABBIT}},
+            "destination": {"path": "/home/me/out"},
+            "userId": u1.uid,
+            "groupId": u1.gid,
+            "profileReference": {"kind": "NnfDataMovementProfile", "name": "default", "namespace": "nnf-system"},
+            "userConfig": {"dryrun": false, "mpirunOptions": "", "dcpOptions": "",
+                           "logStdout": false, "storeStdout": false},
+        })
+    );
+    let note: Value = serde_json::from_str(
+        dm["metadata"]["annotations"]["dm.cray.hpe.com/nnf-dm-operation"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (note["uid"].clone(), note["gid"].clone()),
+        (json!(u1.uid), json!(u1.gid))
+    );
+
+    // The same operation through the control files, owned by the caller.
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(agent.path(&uid)).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (u1.uid, u1.gid));
+    let request = agent.read(&format!("{uid}/request")).unwrap();
+    assert_eq!(field(&request, "workflow").unwrap(), "wf1");
+    assert_eq!(field(&request, "namespace").unwrap(), "default");
+    assert_eq!(field(&request, "profile").unwrap(), "default");
+
+    // Still going: never INVALID (the zero value).
+    let now = grpc_as(&agent, &u1, &["status", &uid, "0"], &[]);
+    assert_ne!(field(&now, "state").unwrap(), "COMPLETED", "{now}");
+    assert_eq!(field(&now, "status").unwrap(), "UNKNOWN_STATUS", "{now}");
+
+    // A wait wakes when the Rabbit finishes (3 steps of 400 ms).
+    let done = grpc_as(&agent, &u1, &["status", &uid, "30"], &[]);
+    let waited: u64 = field(&done, "waited_ms").unwrap().parse().unwrap();
+    assert!(
+        (300..10_000).contains(&waited),
+        "answered after {waited} ms: {done}"
+    );
+    assert_eq!(field(&done, "state").unwrap(), "COMPLETED", "{done}");
+    assert_eq!(field(&done, "status").unwrap(), "SUCCESS", "{done}");
+    assert_eq!(field(&done, "message").unwrap(), "");
+    assert_eq!(field(&done, "command_status").unwrap(), "true");
+    assert_eq!(
+        field(&done, "command").unwrap(),
+        "mpirun dcp --progress 1 src dest"
+    );
+    assert_eq!(field(&done, "progress").unwrap(), "100");
+    assert_eq!(
+        field(&done, "last_message").unwrap(),
+        "Copied 1.000 GiB (50%)"
+    );
+    let elapsed = field(&done, "elapsed_time").unwrap();
+    assert!(
+        elapsed.ends_with('s') && !elapsed.contains(' '),
+        "Go-style duration: {elapsed}"
+    );
+    for key in ["start_time", "end_time", "last_message_time"] {
+        let t = field(&done, key).unwrap();
+        assert!(t.len() == 20 && t.ends_with('Z'), "{key}: {t:?}");
+    }
+    // Field by field against the control files of the same operation (read
+    // by its owner).
+    let status = stdout(&sh_as(
+        &u1,
+        &format!("cat {}", agent.path(&format!("{uid}/status")).display()),
+    ));
+    assert_eq!(field(&status, "state").unwrap(), "completed", "{status}");
+    assert_eq!(field(&status, "status").unwrap(), "success");
+    for (grpc, fs) in [
+        ("command", "command"),
+        ("progress", "progress"),
+        ("last_message", "last_message"),
+        ("last_message_time", "last_message_time"),
+        ("start_time", "start_time"),
+        ("end_time", "end_time"),
+    ] {
+        assert_eq!(field(&done, grpc), field(&status, fs), "{grpc}");
+    }
+    let json: Value =
+        serde_json::from_str(&agent.read(&format!("{uid}/status.json")).unwrap()).unwrap();
+    assert_eq!(json["commandStatus"]["elapsedTime"], json!(elapsed));
+    // Once completed, a wait answers at once.
+    let again = grpc_as(&agent, &u1, &["status", &uid, "-1"], &[]);
+    assert_eq!(field(&again, "status").unwrap(), "SUCCESS");
+    assert!(field(&again, "waited_ms").unwrap().parse::<u64>().unwrap() < 2000);
+
+    // One written by `echo` is seen over gRPC too.
+    let out = agent.request_as(
+        &u1,
+        "name=e1 workflow=wf1 namespace=default source=/mnt/nnf/gfs-1/e destination=/home/me/e",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut mine = grpc_list(&agent, &u1);
+    mine.sort();
+    let mut expected = vec!["e1".to_string(), uid.clone()];
+    expected.sort();
+    assert_eq!(mine, expected);
+    let e1 = grpc_as(&agent, &u1, &["status", "e1", "30"], &[]);
+    assert_eq!(field(&e1, "status").unwrap(), "SUCCESS", "{e1}");
+
+    // Another user: none of it exists.
+    assert_eq!(grpc_list(&agent, &u2), Vec::<String>::new());
+    for other in [uid.as_str(), "e1"] {
+        let s = grpc_as(&agent, &u2, &["status", other, "-1"], &[]);
+        assert_eq!(field(&s, "state").unwrap(), "UNKNOWN_STATE", "{s}");
+        assert_eq!(field(&s, "status").unwrap(), "NOT_FOUND", "{s}");
+        assert_eq!(field(&s, "command_status").unwrap(), "false");
+        let s = grpc_as(&agent, &u2, &["cancel", other], &[]);
+        assert_eq!(field(&s, "status").unwrap(), "NOT_FOUND", "{s}");
+        let s = grpc_as(&agent, &u2, &["delete", other], &[]);
+        assert_eq!(field(&s, "status").unwrap(), "NOT_FOUND", "{s}");
+    }
+    assert_eq!(cluster.dm_of(&uid)["spec"]["cancel"], false);
+    assert!(agent.path(&uid).is_dir() && agent.path("e1").is_dir());
+
+    // The owner deletes: the resource goes too.
+    let res = resource_name(&cluster.dm_of(&uid));
+    let s = grpc_as(&agent, &u1, &["delete", &uid], &[]);
+    assert_eq!(field(&s, "status").unwrap(), "SUCCESS", "{s}");
+    assert_eq!(field(&s, "message").unwrap(), "");
+    assert!(!agent.path(&uid).exists());
+    assert!(
+        cluster.server.wait_gone(DM, RABBIT, &res, LONG),
+        "resource deleted"
+    );
+    assert_eq!(grpc_list(&agent, &u1), ["e1"]);
+    let gone = grpc_as(&agent, &u1, &["status", &uid, "0"], &[]);
+    assert_eq!(field(&gone, "status").unwrap(), "NOT_FOUND", "{gone}");
+    assert!(agent.log().lines().all(|l| !l.contains("panicked")));
+}
+
+#[test]
+fn grpc_create_without_a_workflow_or_in_the_wrong_state_is_refused() {
+    let cluster = Cluster::new();
+    let agent = cluster.agent(&[]);
+    let u = user("nnfdmt1");
+    let create = |env: &[(&str, &str)]| {
+        grpc_as(
+            &agent,
+            &u,
+            &["create", "/mnt/nnf/gfs-1/a", "/home/me/x", "copy"],
+            env,
+        )
+    };
+    // No workflow in the message, none in the caller's environment.
+    let out = create(&[]);
+    assert_eq!(field(&out, "status").unwrap(), "INVALID", "{out}");
+    assert_eq!(field(&out, "uid").unwrap(), "");
+    let message = field(&out, "message").unwrap();
+    assert!(message.contains("no workflow"), "{out}");
+    let line = last_error(&agent, Some(&u));
+    assert!(
+        line.contains(" EINVAL ") && line.contains(&message),
+        "errors line {line:?}"
+    );
+    // A workflow that does not exist: INVALID (ENOENT).
+    let out = create(&[(grpc_client::HELPER_WORKFLOW, "nope/default")]);
+    assert_eq!(field(&out, "status").unwrap(), "INVALID", "{out}");
+    assert!(
+        field(&out, "message")
+            .unwrap()
+            .contains("workflow default/nope not found"),
+        "{out}"
+    );
+    assert!(last_error(&agent, Some(&u)).contains(" ENOENT "));
+    // A workflow in the wrong state: the backend refuses, FAILED.
+    for env in [
+        &[(grpc_client::HELPER_WORKFLOW, "wf-setup/default")][..],
+        &[
+            ("DW_WORKFLOW_NAME", "wf-setup"),
+            ("DW_WORKFLOW_NAMESPACE", "default"),
+        ][..],
+    ] {
+        let out = create(env);
+        assert_eq!(field(&out, "status").unwrap(), "FAILED", "{env:?}: {out}");
+        assert_eq!(field(&out, "uid").unwrap(), "");
+        assert!(
+            field(&out, "message")
+                .unwrap()
+                .contains("is in state Setup/Completed"),
+            "{out}"
+        );
+        let line = last_error(&agent, Some(&u));
+        assert!(
+            line.contains(" EPERM ") && line.contains("PreRun/Completed"),
+            "errors line {line:?}"
+        );
+    }
+    assert!(cluster.dms().is_empty(), "nothing created for a refusal");
+    assert_eq!(grpc_list(&agent, &u), Vec::<String>::new());
+
+    // The workflow from the caller's environment when the message has none.
+    let out = create(&[
+        ("DW_WORKFLOW_NAME", "wf1"),
+        ("DW_WORKFLOW_NAMESPACE", "default"),
+    ]);
+    assert_eq!(field(&out, "status").unwrap(), "SUCCESS", "{out}");
+    let uid = field(&out, "uid").unwrap();
+    let dm = cluster.dm_of(&uid);
+    assert_eq!(
+        dm["metadata"]["labels"]["dataworkflowservices.github.io/workflow.name"],
+        "wf1"
+    );
+    assert_eq!(dm["spec"]["userId"], u.uid);
+    // ... and the message's workflow wins over the environment.
+    let out = create(&[
+        ("DW_WORKFLOW_NAME", "wf-setup"),
+        ("DW_WORKFLOW_NAMESPACE", "default"),
+        (grpc_client::HELPER_WORKFLOW, "wf1/default"),
+    ]);
+    assert_eq!(field(&out, "status").unwrap(), "SUCCESS", "{out}");
+    assert_eq!(cluster.dms().len(), 2);
+}
+
+#[test]
+fn grpc_cancel_and_delete_follow_the_resource() {
+    // No simulated Rabbit: the test moves the resource's status itself, so
+    // that each state is seen.
+    let cluster = Cluster::bare();
+    let agent = cluster.agent(&[]);
+    let mut root = grpc_root(&agent);
+    let u = user("nnfdmt1");
+    let uid = grpc_created(&agent, &u, "/mnt/nnf/gfs-1/a", "/home/me/hold");
+    let res = resource_name(&cluster.dm_of(&uid));
+    let r = grpc_status_until(&mut root, &uid, |r| {
+        grpc_state(r) == (State::Pending, OpStatus::UnknownStatus)
+    });
+    assert_eq!(r.start_time, "");
+    let start = now();
+    set_status(&cluster.server, RABBIT, &res, |o| {
+        o["status"] = json!({"state": "Running", "startTime": start, "restarts": 0,
+            "commandStatus": {"command": "mpirun dcp", "progress": 30,
+                              "lastMessage": "Copied 3 of 10 items (30%)", "lastMessageTime": start}});
+    })
+    .unwrap();
+    let running = grpc_status_until(&mut root, &uid, |r| {
+        grpc_state(r) == (State::Running, OpStatus::UnknownStatus)
+    });
+    assert_eq!(running.command_status.clone().unwrap().progress, 30);
+    assert_eq!(running.start_time, start);
+
+    // Running: Delete is ACTIVE and changes nothing.
+    let s = grpc_as(&agent, &u, &["delete", &uid], &[]);
+    assert_eq!(field(&s, "status").unwrap(), "ACTIVE", "{s}");
+    assert!(field(&s, "message").unwrap().contains(&uid), "{s}");
+    assert!(agent.path(&uid).is_dir());
+    assert!(cluster.server.get_object(DM, RABBIT, &res).is_some());
+
+    // Cancel: spec.cancel on the resource, CANCELLING until the Rabbit ends it.
+    let s = grpc_as(&agent, &u, &["cancel", &uid], &[]);
+    assert_eq!(field(&s, "status").unwrap(), "SUCCESS", "{s}");
+    assert_eq!(field(&s, "message").unwrap(), "");
+    assert!(
+        wait_until(LONG, || cluster
+            .server
+            .get_object(DM, RABBIT, &res)
+            .is_some_and(|o| o["spec"]["cancel"] == true)),
+        "spec.cancel set; log:\n{}",
+        agent.log()
+    );
+    grpc_status_until(&mut root, &uid, |r| {
+        grpc_state(r) == (State::Cancelling, OpStatus::UnknownStatus)
+    });
+    assert_eq!(
+        field(&status_of(&agent, &uid), "state").unwrap(),
+        "cancelling"
+    );
+    let s = grpc_as(&agent, &u, &["delete", &uid], &[]);
+    assert_eq!(field(&s, "status").unwrap(), "ACTIVE", "{s}");
+
+    // The owner's wait wakes when the Rabbit reports it cancelled.
+    let finisher = {
+        let server = cluster.server.clone();
+        let res = res.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(500));
+            set_status(&server, RABBIT, &res, |o| {
+                o["status"]["state"] = json!("Finished");
+                o["status"]["status"] = json!("Cancelled");
+                o["status"]["endTime"] = json!(now());
+                o["status"]["message"] = json!("cancelled by request");
+            })
+            .unwrap();
+        })
+    };
+    let done = grpc_as(&agent, &u, &["status", &uid, "-1"], &[]);
+    finisher.join().unwrap();
+    let waited: u64 = field(&done, "waited_ms").unwrap().parse().unwrap();
+    assert!(waited >= 300, "answered after {waited} ms: {done}");
+    assert_eq!(field(&done, "state").unwrap(), "COMPLETED", "{done}");
+    assert_eq!(field(&done, "status").unwrap(), "CANCELLED", "{done}");
+    assert_eq!(field(&done, "message").unwrap(), "cancelled by request");
+    assert_eq!(field(&done, "start_time").unwrap(), start);
+    assert!(!field(&done, "end_time").unwrap().is_empty());
+    let status = status_of(&agent, &uid);
+    assert_eq!(field(&status, "status").unwrap(), "cancelled");
+    // Cancel again on the completed operation: SUCCESS, nothing changes.
+    let s = grpc_as(&agent, &u, &["cancel", &uid], &[]);
+    assert_eq!(field(&s, "status").unwrap(), "SUCCESS", "{s}");
+
+    // Finished: Delete succeeds, and the resource is deleted.
+    let s = grpc_as(&agent, &u, &["delete", &uid], &[]);
+    assert_eq!(field(&s, "status").unwrap(), "SUCCESS", "{s}");
+    assert!(!agent.path(&uid).exists());
+    assert!(
+        cluster.server.wait_gone(DM, RABBIT, &res, LONG),
+        "resource deleted"
+    );
+    let s = grpc_as(&agent, &u, &["delete", &uid], &[]);
+    assert_eq!(field(&s, "status").unwrap(), "NOT_FOUND", "{s}");
+
+    // Cancelled before the Rabbit ever started it: COMPLETED/CANCELLED at
+    // once, and deletable.
+    let uid = grpc_created(&agent, &u, "/mnt/nnf/gfs-1/a", "/home/me/never");
+    let res = resource_name(&cluster.dm_of(&uid));
+    let s = grpc_as(&agent, &u, &["cancel", &uid], &[]);
+    assert_eq!(field(&s, "status").unwrap(), "SUCCESS", "{s}");
+    let done = grpc_as(&agent, &u, &["status", &uid, "30"], &[]);
+    assert_eq!(field(&done, "state").unwrap(), "COMPLETED", "{done}");
+    assert_eq!(field(&done, "status").unwrap(), "CANCELLED", "{done}");
+    assert_eq!(
+        cluster.server.get_object(DM, RABBIT, &res).unwrap()["spec"]["cancel"],
+        true
+    );
+    let s = grpc_as(&agent, &u, &["delete", &uid], &[]);
+    assert_eq!(field(&s, "status").unwrap(), "SUCCESS", "{s}");
+    assert!(cluster.server.wait_gone(DM, RABBIT, &res, LONG));
+    assert_eq!(grpc_list(&agent, &u), Vec::<String>::new());
 }
 
 /// Benchmark (not in the normal run):
