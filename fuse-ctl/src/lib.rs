@@ -131,7 +131,12 @@ pub struct Owner {
     pub uid: u32,
     pub gid: u32,
     pub perm: u16,
-    /// Visible only to `uid` and root.
+    /// Listed only to `uid` and root, and looked up only for them. The kernel
+    /// shares its entry cache between callers, so once `uid` or root has
+    /// looked the node up, another caller may find the cached entry for up to
+    /// the cache lifetime: the mode bits (checked by the kernel and again by
+    /// the handlers) then refuse it with EACCES instead of ENOENT. Caching
+    /// saves a lookup on every open, which is most of a status read's cost.
     pub private: bool,
 }
 
@@ -354,6 +359,7 @@ impl ControlFs {
             .spawn(move || inner.notify_loop(rx))?;
         let session = session.spawn()?;
         Ok(Mounted {
+            mountpoint: mountpoint.to_path_buf(),
             session: Some(session),
             notifier_thread: Some(notifier_thread),
             inner: self.inner.clone(),
@@ -363,13 +369,16 @@ impl ControlFs {
 
 /// A mounted control filesystem. Dropping it unmounts.
 pub struct Mounted {
+    mountpoint: std::path::PathBuf,
     session: Option<BackgroundSession>,
     notifier_thread: Option<std::thread::JoinHandle<()>>,
     inner: Arc<Inner>,
 }
 
 impl Mounted {
-    /// Unmounts and waits for the serving threads to end.
+    /// Unmounts and waits for the serving threads to end. If a caller still
+    /// holds a descriptor (EBUSY), aborts the connection and detaches the
+    /// mount instead; the serving threads then end on their own.
     pub fn unmount(mut self) -> io::Result<()> {
         self.shutdown()
     }
@@ -389,7 +398,16 @@ impl Mounted {
         }
         self.inner.notice(Notice::Stop);
         let result = match self.session.take() {
-            Some(session) => session.umount_and_join(),
+            Some(session) => match session.umount_and_join() {
+                // Busy: a caller still holds a descriptor (the readers just
+                // answered EINTR have not closed theirs yet, or retry). Abort
+                // the connection (MNT_FORCE: every request now fails with
+                // ENOTCONN, and the serving threads end) and detach it.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    umount(&self.mountpoint, libc::MNT_FORCE | libc::MNT_DETACH)
+                }
+                result => result,
+            },
             None => Ok(()),
         };
         if let Some(thread) = self.notifier_thread.take() {
@@ -403,6 +421,16 @@ impl Drop for Mounted {
     fn drop(&mut self) {
         let _ = self.shutdown();
     }
+}
+
+fn umount(mountpoint: &Path, flags: libc::c_int) -> io::Result<()> {
+    let path = CString::new(mountpoint.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `path` is a valid NUL-terminated string for the call.
+    if unsafe { libc::umount2(path.as_ptr(), flags) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Detaches a stale FUSE mount left by a crashed daemon: one whose server is
@@ -420,10 +448,7 @@ pub fn clean_stale_mount(mountpoint: &Path) -> io::Result<bool> {
     if rc == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ENOTCONN) {
         return Ok(false);
     }
-    // SAFETY: `path` is a valid NUL-terminated string for the call.
-    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    umount(mountpoint, libc::MNT_DETACH)?;
     Ok(true)
 }
 
@@ -678,7 +703,7 @@ impl Adapter {
         caller: &Caller,
         parent: INodeNo,
         name: &OsStr,
-    ) -> Result<FileAttr, Errno> {
+    ) -> Result<(FileAttr, Duration), Errno> {
         let name = name.to_str().ok_or(Errno::ENOENT)?;
         let nodes = self.inner.nodes.read().unwrap();
         let parent = nodes.get(&NodeId(parent.0)).ok_or(Errno::ENOENT)?;
@@ -690,7 +715,7 @@ impl Adapter {
         if !Inner::visible(node, caller) {
             return Err(Errno::ENOENT);
         }
-        Ok(self.inner.attr(id, node))
+        Ok((self.inner.attr(id, node), TTL))
     }
 }
 
@@ -712,7 +737,9 @@ impl Filesystem for Adapter {
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.lookup_child(&Caller::of(req), parent, name) {
-            Ok(attr) => reply.entry(&TTL, &attr, fuser::Generation(0)),
+            Ok((attr, entry_ttl)) => {
+                reply.entry_with_ttls(&TTL, &entry_ttl, &attr, fuser::Generation(0))
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -997,7 +1024,7 @@ impl Filesystem for Adapter {
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let caller = Caller::of(req);
         let attr = match self.lookup_child(&caller, parent, name) {
-            Ok(attr) => attr,
+            Ok((attr, _)) => attr,
             Err(e) => return reply.error(e),
         };
         if attr.kind != FileType::Directory {
