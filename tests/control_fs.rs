@@ -131,25 +131,45 @@ fn copy_preserves_content_modes_times_and_links() {
 
 #[test]
 fn copy_onto_an_existing_directory_lands_inside_it_and_reruns_stay_put() {
-    let agent = Agent::start(&[]);
+    let mut agent = Agent::start(&[]);
     let src = agent.dir.path().join("data");
-    make_tree(&src);
+    many_files(&src, 2, 500);
     let dst = agent.dir.path().join("existing");
     std::fs::create_dir(&dst).unwrap();
     agent.request(&format!(
-        "name=into source={} destination={}",
+        "name=into slots=1 source={} destination={}",
         src.display(),
         dst.display()
     ));
-    agent.wait_completed("into", LONG);
+    // Interrupt the copy by a crash while it has created data/ inside dst:
+    // the re-run must not land one level deeper (dst/data/data).
+    let worker = freeze_copy_process(&dst.join("data"));
+    assert!(wait_until(LONG, || agent.read("into/state").unwrap() == "running\n"));
+    // As if the interrupted run had got as far as creating its target.
+    std::fs::create_dir_all(dst.join("data")).unwrap();
+    agent.crash();
+    assert!(wait_until(Duration::from_secs(5), || {
+        !std::path::Path::new(&format!("/proc/{worker}")).exists()
+    }));
+    agent.restart();
+    let status = agent.wait_completed("into", LONG);
+    assert_eq!(field(&status, "status").unwrap(), "success", "{status}");
+    assert_eq!(field(&status, "restarts").unwrap(), "1");
     assert!(
-        dst.join("data/sub/b.bin").exists(),
+        dst.join("data/d1/f0499").exists(),
         "cp -r semantics: lands inside"
     );
-    assert!(agent
-        .read("into/status")
-        .unwrap()
-        .contains(&format!("{}", dst.join("data").display())));
+    assert!(
+        !dst.join("data/data").exists(),
+        "the re-run copied to the recorded target"
+    );
+    assert!(sh(&format!(
+        "diff -r {} {}",
+        src.display(),
+        dst.join("data").display()
+    ))
+    .status
+    .success());
 }
 
 #[test]
@@ -1260,24 +1280,10 @@ fn json_logs_carry_the_operation_and_user_on_every_line() {
     assert!(about_ops >= 2, "{log}");
 }
 
-#[test]
-fn cancel_of_a_native_copy_escalates_to_sigkill() {
-    let agent = Agent::start(&[]);
-    let src = agent.dir.path().join("many");
-    let out = python(&format!(
-        "import os\nfor d in range(3):\n    p = os.path.join({:?}, 'd%d' % d)\n    os.makedirs(p)\n    for f in range(1000):\n        os.close(os.open(os.path.join(p, 'f%04d' % f), os.O_CREAT | os.O_WRONLY, 0o644))\n",
-        src.to_str().unwrap()
-    ));
-    assert!(out.status.success(), "{}", stderr(&out));
-    let dst = agent.dir.path().join("many-out");
-    agent.request(&format!(
-        "name=big slots=1 source={} destination={}",
-        src.display(),
-        dst.display()
-    ));
-    // Freeze the copy process as soon as it exists: it can neither finish nor
-    // act on SIGTERM, so only the agent's SIGKILL after the grace ends it.
-    let needle = dst.to_str().unwrap().as_bytes().to_vec();
+/// Stops (SIGSTOP) the copy process writing to `target` as soon as it
+/// exists, and returns its pid.
+fn freeze_copy_process(target: &Path) -> i32 {
+    let needle = target.to_str().unwrap().as_bytes().to_vec();
     let mut worker = None;
     assert!(wait_until(LONG, || {
         for entry in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -1285,10 +1291,10 @@ fn cancel_of_a_native_copy_escalates_to_sigkill() {
                 continue;
             };
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if cmdline
-                .windows(needle.len())
-                .any(|w| w == needle.as_slice())
-                && cmdline.starts_with(b"/")
+            if cmdline.starts_with(b"/")
+                && cmdline
+                    .windows(needle.len())
+                    .any(|w| w == needle.as_slice())
             {
                 // SAFETY: signalling a process the agent started for this test.
                 unsafe { libc::kill(pid, libc::SIGSTOP) };
@@ -1298,7 +1304,32 @@ fn cancel_of_a_native_copy_escalates_to_sigkill() {
         }
         false
     }));
-    let worker = worker.unwrap();
+    worker.unwrap()
+}
+
+/// `n` empty files in each of `dirs` directories under `root`.
+fn many_files(root: &Path, dirs: usize, n: usize) {
+    let out = python(&format!(
+        "import os\nfor d in range({dirs}):\n    p = os.path.join({:?}, 'd%d' % d)\n    os.makedirs(p)\n    for f in range({n}):\n        os.close(os.open(os.path.join(p, 'f%04d' % f), os.O_CREAT | os.O_WRONLY, 0o644))\n",
+        root.to_str().unwrap()
+    ));
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn cancel_of_a_native_copy_escalates_to_sigkill() {
+    let agent = Agent::start(&[]);
+    let src = agent.dir.path().join("many");
+    many_files(&src, 3, 1000);
+    let dst = agent.dir.path().join("many-out");
+    agent.request(&format!(
+        "name=big slots=1 source={} destination={}",
+        src.display(),
+        dst.display()
+    ));
+    // Frozen, it can neither finish nor act on SIGTERM: only the agent's
+    // SIGKILL after the grace ends it.
+    let worker = freeze_copy_process(&dst);
     assert!(wait_until(LONG, || agent.read("big/state").unwrap() == "running\n"));
     let started = Instant::now();
     sh(&format!("echo 1 > {}", agent.path("big/cancel").display()));
