@@ -527,9 +527,14 @@ async fn discovery_and_version_are_served() {
 #[test]
 fn hooks_wait_for_and_on_change_let_a_test_play_the_rabbit() {
     let s = std::sync::Arc::new(TestServer::start(Config::default()));
-    let rabbit = s.clone();
+    // Weak: a strong reference in the callback would keep the server (and
+    // its temporary directory) alive past the test.
+    let rabbit = std::sync::Arc::downgrade(&s);
     // A Rabbit that finishes every data movement it sees created.
     s.on_change("NnfDataMovement", move |c| {
+        let Some(rabbit) = rabbit.upgrade() else {
+            return;
+        };
         if c.event_type == kube_testserver::EventType::Added {
             rabbit
                 .modify_object("NnfDataMovement", &c.namespace, &c.name, |o| {
