@@ -20,8 +20,6 @@ use dm_proto::*;
 use grpc_client::{copy, Client};
 use integration_tests::*;
 
-const LONG: Duration = Duration::from_secs(30);
-
 fn socket(agent: &Agent) -> PathBuf {
     agent.dir.path().join("nnf-dm.sock")
 }
@@ -80,23 +78,6 @@ fn created(client: &mut Client, request: DataMovementCreateRequest) -> String {
     assert!(response.message.is_empty(), "{response:?}");
     assert!(!response.uid.is_empty());
     response.uid
-}
-
-/// Polls `Status` until `cond` holds.
-fn status_until(
-    client: &mut Client,
-    uid: &str,
-    cond: impl Fn(&DataMovementStatusResponse) -> bool,
-) -> DataMovementStatusResponse {
-    let deadline = Instant::now() + LONG;
-    loop {
-        let response = client.status(uid, 0);
-        if cond(&response) {
-            return response;
-        }
-        assert!(Instant::now() < deadline, "timed out; last {response:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 // ---- a client running as another user: this test binary, re-executed ----
@@ -349,7 +330,7 @@ fn states_and_outcomes_read_as_upstream_while_going_and_done() {
     let mut c = client(&agent);
 
     let a = created(&mut c, with_profile("stubborn"));
-    let running = status_until(&mut c, &a, |r| {
+    let running = c.status_until(&a, |r| {
         state(r) == State::Running && r.command_status.as_ref().is_some_and(|s| s.progress == 25)
     });
     // Never INVALID (the zero value) while going.

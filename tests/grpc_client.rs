@@ -76,6 +76,26 @@ impl Client {
             .into_inner()
     }
 
+    /// Polls `Status` (answering at once) until `cond` holds, for up to 30 s.
+    pub fn status_until(
+        &mut self,
+        uid: &str,
+        cond: impl Fn(&DataMovementStatusResponse) -> bool,
+    ) -> DataMovementStatusResponse {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let response = self.status(uid, 0);
+            if cond(&response) {
+                return response;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out; last {response:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     pub fn delete(&mut self, uid: &str) -> DataMovementDeleteResponse {
         let mut c = self.inner.clone();
         self.rt

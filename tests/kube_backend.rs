@@ -1305,23 +1305,6 @@ fn grpc_state(r: &DataMovementStatusResponse) -> (State, OpStatus) {
     )
 }
 
-/// Polls `Status` (as root) until `cond` holds.
-fn grpc_status_until(
-    c: &mut Client,
-    uid: &str,
-    cond: impl Fn(&DataMovementStatusResponse) -> bool,
-) -> DataMovementStatusResponse {
-    let deadline = Instant::now() + LONG;
-    loop {
-        let r = c.status(uid, 0);
-        if cond(&r) {
-            return r;
-        }
-        assert!(Instant::now() < deadline, "timed out; last {r:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn grpc_create_makes_the_resource_and_a_status_wait_wakes_when_the_rabbit_finishes() {
     let cluster = Cluster::with_step(Duration::from_millis(400));
@@ -1584,7 +1567,7 @@ fn grpc_cancel_and_delete_follow_the_resource() {
     let u = user("nnfdmt1");
     let uid = grpc_created(&agent, &u, "/mnt/nnf/gfs-1/a", "/home/me/hold");
     let res = resource_name(&cluster.dm_of(&uid));
-    let r = grpc_status_until(&mut root, &uid, |r| {
+    let r = root.status_until(&uid, |r| {
         grpc_state(r) == (State::Pending, OpStatus::UnknownStatus)
     });
     assert_eq!(r.start_time, "");
@@ -1595,7 +1578,7 @@ fn grpc_cancel_and_delete_follow_the_resource() {
                               "lastMessage": "Copied 3 of 10 items (30%)", "lastMessageTime": start}});
     })
     .unwrap();
-    let running = grpc_status_until(&mut root, &uid, |r| {
+    let running = root.status_until(&uid, |r| {
         grpc_state(r) == (State::Running, OpStatus::UnknownStatus)
     });
     assert_eq!(running.command_status.clone().unwrap().progress, 30);
@@ -1620,7 +1603,7 @@ fn grpc_cancel_and_delete_follow_the_resource() {
         "spec.cancel set; log:\n{}",
         agent.log()
     );
-    grpc_status_until(&mut root, &uid, |r| {
+    root.status_until(&uid, |r| {
         grpc_state(r) == (State::Cancelling, OpStatus::UnknownStatus)
     });
     assert_eq!(
