@@ -1,9 +1,9 @@
 //! An in-process Kubernetes API server for the end-to-end tests of the NNF
 //! compute daemons.
 //!
-//! It serves the custom resources of `shared/crds` over HTTPS on a random
+//! It serves the custom resources of `api/crds` over HTTPS on a random
 //! loopback port with the semantics the daemons depend on (schema pruning,
-//! defaulting and validation, RBAC from `shared/rbac`, resourceVersion
+//! defaulting and validation, RBAC from `api/rbac`, resourceVersion
 //! conflicts, the status subresource, finalizers, watches with bookmarks and
 //! `410 Gone`), so a daemon connects exactly as in production:
 //!
@@ -60,11 +60,11 @@ pub struct AccountSpec {
 }
 
 /// Server configuration. [`Config::default`] loads the CRDs and roles of the
-/// shared directory and creates the admin and the two daemon accounts.
+/// `api/` directory and creates the admin and the two daemon accounts.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Holds `crds/*.json` and `rbac/*.json`.
-    pub shared_dir: PathBuf,
+    pub api_dir: PathBuf,
     pub accounts: Vec<AccountSpec>,
     /// Watch events kept for resuming from a resourceVersion; older ones
     /// answer `410 Gone`.
@@ -76,8 +76,8 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        let shared = Self::shared_dir_default();
-        let role = |f: &str| Some(shared.join("rbac").join(f));
+        let api_dir = Self::api_dir_default();
+        let role = |f: &str| Some(api_dir.join("rbac").join(f));
         Config {
             accounts: vec![
                 AccountSpec {
@@ -96,7 +96,7 @@ impl Default for Config {
                     cluster_role: role("clientmount-clusterrole.json"),
                 },
             ],
-            shared_dir: shared,
+            api_dir,
             history_limit: 1000,
             bookmark_interval: Duration::from_secs(5),
         }
@@ -104,12 +104,10 @@ impl Default for Config {
 }
 
 impl Config {
-    /// `$NNF_SHARED_DIR`, else `<workspace>/../shared`.
-    pub fn shared_dir_default() -> PathBuf {
-        match std::env::var_os("NNF_SHARED_DIR") {
-            Some(d) if !d.is_empty() => PathBuf::from(d),
-            _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"),
-        }
+    /// The CRDs and ClusterRoles kept in this crate (`api/`, copied from
+    /// the NNF/DWS releases; see its README).
+    pub fn api_dir_default() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("api")
     }
 
     pub fn history_limit(mut self, n: usize) -> Self {
@@ -254,7 +252,7 @@ impl TestServer {
     }
 
     pub fn try_start(config: Config) -> Result<TestServer, String> {
-        let registry = crd::Registry::load_dir(&config.shared_dir.join("crds"))?;
+        let registry = crd::Registry::load_dir(&config.api_dir.join("crds"))?;
         let dir = tempfile::Builder::new()
             .prefix("kube-testserver-")
             .tempdir()

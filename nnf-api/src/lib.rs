@@ -1,5 +1,5 @@
 //! Serde types for the NNF / DWS custom resources the compute daemons use,
-//! written against the CRD schemas in `shared/crds/` (storage versions
+//! written against the CRD schemas in `kube-testserver/api/crds/` (storage versions
 //! `dataworkflowservices.github.io/v1alpha7` and `nnf.cray.hpe.com/v1alpha11`).
 //!
 //! Conventions: JSON names are the schema's camelCase names. A field the
