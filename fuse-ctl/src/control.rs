@@ -303,7 +303,7 @@ impl Core {
         if handle.kind != FileKind::Command {
             return reply.error(Errno::EACCES);
         }
-        let slot = WriteSlot::new(reply);
+        let slot = WriteSlot::new(*caller, reply);
         if !self.pending.register_write(unique, &slot) {
             // Interrupted before the handler saw it: no effect at all.
             if let Some(reply) = slot.interrupt() {
@@ -313,15 +313,7 @@ impl Core {
         }
         let ops = handle.ops.clone();
         let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
-        let done = WriteDone::new(
-            self.pending.clone(),
-            unique,
-            handle,
-            offset,
-            len,
-            *caller,
-            slot,
-        );
+        let done = WriteDone::new(self.pending.clone(), unique, handle, offset, len, slot);
         ops.write(caller, data, done);
     }
 

@@ -148,12 +148,25 @@ impl Pending {
         let mut tables = self.tables();
         if let Some(read) = tables.take_read(unique) {
             drop(tables);
+            tracing::debug!(
+                op = "read",
+                uid = read.caller.uid,
+                pid = read.caller.pid,
+                "blocked read interrupted by a signal: EINTR"
+            );
             read.fail(Errno::EINTR);
         } else if let Some(slot) = tables.writes.get(&unique) {
             // A claimed write stays held: its handler's `finish` answers it.
             if let Some(reply) = slot.interrupt() {
+                let caller = slot.caller;
                 tables.writes.remove(&unique);
                 drop(tables);
+                tracing::debug!(
+                    op = "write",
+                    uid = caller.uid,
+                    pid = caller.pid,
+                    "held write interrupted by a signal: EINTR"
+                );
                 reply.error(Errno::EINTR);
             }
         } else {

@@ -24,13 +24,15 @@ enum WriteState {
 /// interrupt looks it up in. Its lock is never held across a handler call
 /// or a reply.
 pub(crate) struct WriteSlot {
+    pub caller: Caller,
     state: Mutex<WriteState>,
     interrupted: AtomicBool,
 }
 
 impl WriteSlot {
-    pub fn new(reply: Box<dyn WriteReply>) -> Arc<Self> {
+    pub fn new(caller: Caller, reply: Box<dyn WriteReply>) -> Arc<Self> {
         Arc::new(WriteSlot {
+            caller,
             state: Mutex::new(WriteState::Open(reply)),
             interrupted: AtomicBool::new(false),
         })
@@ -92,7 +94,6 @@ pub struct WriteDone {
     handle: Arc<Handle>,
     offset: u64,
     len: u32,
-    caller: Caller,
     slot: Arc<WriteSlot>,
 }
 
@@ -104,7 +105,6 @@ impl WriteDone {
         handle: Arc<Handle>,
         offset: u64,
         len: u32,
-        caller: Caller,
         slot: Arc<WriteSlot>,
     ) -> Self {
         WriteDone {
@@ -113,7 +113,6 @@ impl WriteDone {
             handle,
             offset,
             len,
-            caller,
             slot,
         }
     }
@@ -133,7 +132,7 @@ impl WriteDone {
 
     /// Who wrote.
     pub fn caller(&self) -> Caller {
-        self.caller
+        self.slot.caller
     }
 
     /// Completes the write: `result` becomes the `write(2)` outcome and
@@ -171,7 +170,7 @@ impl Drop for WriteDone {
 impl std::fmt::Debug for WriteDone {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WriteDone")
-            .field("caller", &self.caller)
+            .field("caller", &self.slot.caller)
             .field("offset", &self.offset)
             .field("len", &self.len)
             .field("interrupted", &self.is_interrupted())
