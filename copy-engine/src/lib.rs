@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod attrs;
 mod engine;
 mod pool;
 mod scan;
