@@ -81,8 +81,9 @@ impl Identity {
     /// current owner, so the common case makes no call.
     pub fn set_owner(&self, tgt: Tgt, st: &libc::stat, have: (u32, u32)) -> io::Result<()> {
         let (uid, gid) = (st.st_uid, st.st_gid);
-        let refusal_ok =
-            |e: &io::Error| !self.root && matches!(e.raw_os_error(), Some(libc::EPERM | libc::EINVAL));
+        let refusal_ok = |e: &io::Error| {
+            !self.root && matches!(e.raw_os_error(), Some(libc::EPERM | libc::EINVAL))
+        };
         if uid != have.0 && !self.uid_refused.load(Ordering::Relaxed) {
             match tgt.chown(uid, gid) {
                 Ok(()) => return Ok(()),

@@ -565,10 +565,7 @@ fn by_name_meta(
         name: e.tgt_name,
         path: &paths.1,
     };
-    shared
-        .id
-        .set_owner(tgt, st, e.fresh)
-        .map_err(Side::Tgt)?;
+    shared.id.set_owner(tgt, st, e.fresh).map_err(Side::Tgt)?;
     let names = Names::of(Node::Path(&paths.0)).map_err(Side::Src)?;
     if !names.is_empty() {
         attrs::copy_xattrs(
@@ -652,8 +649,8 @@ fn link_to(e: &Entry, first: &CStr) -> Result<(), Side> {
 }
 
 fn copy_file(shared: &Shared, buf: &mut Vec<u8>, e: &Entry) -> Result<(), Side> {
-    let src = sys::openat(e.src_dir, e.name, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
-        .map_err(Side::Src)?;
+    let src =
+        sys::openat(e.src_dir, e.name, libc::O_RDONLY | libc::O_NOFOLLOW, 0).map_err(Side::Src)?;
     let st = sys::fstat(&src).map_err(Side::Src)?;
     let mut guard = None;
     if e.in_tree && st.st_nlink > 1 {
@@ -689,8 +686,7 @@ fn copy_file(shared: &Shared, buf: &mut Vec<u8>, e: &Entry) -> Result<(), Side> 
     let wr = libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW;
     // O_EXCL first: a fresh file gets its final mode from open itself and
     // needs no fchmod; only a re-run pays for the second open.
-    let (tgt, existed) = match sys::openat(e.tgt_dir, e.tgt_name, wr | libc::O_EXCL, create_mode)
-    {
+    let (tgt, existed) = match sys::openat(e.tgt_dir, e.tgt_name, wr | libc::O_EXCL, create_mode) {
         Ok(fd) => (fd, false),
         Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {
             match sys::openat(e.tgt_dir, e.tgt_name, wr | libc::O_TRUNC, create_mode) {
@@ -735,11 +731,7 @@ fn copy_file(shared: &Shared, buf: &mut Vec<u8>, e: &Entry) -> Result<(), Side> 
             e.tgt_path,
         )?;
     }
-    if existed
-        || mode & 0o7000 != 0
-        || mode & shared.umask != 0
-        || create_mode != mode
-    {
+    if existed || mode & 0o7000 != 0 || mode & shared.umask != 0 || create_mode != mode {
         set_mode(&tgt, mode).map_err(Side::Tgt)?;
     }
     if !names.is_empty() {
