@@ -134,11 +134,24 @@ fn is_acl(name: &[u8]) -> bool {
     name == ACL_ACCESS || name == ACL_DEFAULT
 }
 
-/// Copied in the xattr step: everything but `system.*`. Other `system.*`
-/// names are file-system internals (NFSv4 ACLs, ext4's `system.data`)
-/// that libattr's xattr.conf also leaves out of `cp -a`.
+/// Copied in the xattr step: everything but `system.*` (the ACLs have
+/// their own step; other names there are file-system internals such as
+/// NFSv4 ACLs) and the names libattr's /etc/xattr.conf makes `cp -a`
+/// skip: XFS shows root its ACLs and capabilities again as
+/// `trusted.SGI_*`, and writing those raw would bypass the ACL code.
 fn plain(name: &[u8]) -> bool {
-    !name.starts_with(b"system.")
+    const SKIP: [&[u8]; 9] = [
+        b"system.",
+        b"trusted.SGI_ACL_FILE",
+        b"trusted.SGI_ACL_DEFAULT",
+        b"trusted.SGI_CAP_FILE",
+        b"trusted.SGI_DMI_",
+        b"trusted.SGI_MAC_FILE",
+        b"xfsroot.",
+        b"security.evm",
+        b"afs.",
+    ];
+    !SKIP.iter().any(|p| name.starts_with(p))
 }
 
 /// What kind of metadata a name is, for the "not kept" note.
