@@ -13,6 +13,37 @@ use crate::sys::{self, Node};
 
 const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
 const ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
+const ACL_ACCESS_C: &CStr = c"system.posix_acl_access";
+const ACL_DEFAULT_C: &CStr = c"system.posix_acl_default";
+
+/// Whether new entries in the directory `dir` inherit ACLs from its
+/// default ACL.
+pub(crate) fn gives_acls(dir: Node) -> bool {
+    sys::has_xattr(dir, ACL_DEFAULT_C)
+}
+
+/// Removes the ACLs a new entry inherited from its directory's default ACL
+/// where the source has none: `cp -a` gives the copy the source's
+/// permissions, not the destination directory's (gnulib's
+/// `set_permissions`, which also deletes a default ACL the source lacks).
+pub(crate) fn drop_inherited(names: &Names, tgt: Tgt, dir: bool) -> io::Result<()> {
+    let mut drop = vec![ACL_ACCESS_C];
+    if dir {
+        drop.push(ACL_DEFAULT_C);
+    }
+    for name in drop {
+        if names.iter().any(|n| n == name) {
+            continue;
+        }
+        match sys::removexattr(tgt.node(), name) {
+            Err(e) if !matches!(e.raw_os_error(), Some(libc::ENODATA | libc::EOPNOTSUPP)) => {
+                return Err(e)
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
 
 /// A target entry whose metadata is being set: open (files, directories)
 /// or by name in its directory (symlinks, special files).

@@ -76,6 +76,8 @@ struct DirNode {
     tgt_owner: (u32, u32),
     /// The owner the kernel gives new entries inside the target.
     fresh: (u32, u32),
+    /// New entries in the target inherit ACLs (it has a default ACL).
+    gives_acls: bool,
     /// One for the listing itself plus one per child task.
     pending: AtomicUsize,
     parent: Option<Arc<DirNode>>,
@@ -129,6 +131,8 @@ struct Entry<'a> {
     tgt_path: &'a dyn Fn() -> PathBuf,
     /// The owner a new entry gets in the target directory.
     fresh: (u32, u32),
+    /// A new entry inherits ACLs from the target directory.
+    gives_acls: bool,
     /// Inside a tree (hard links are grouped there only).
     in_tree: bool,
 }
@@ -178,6 +182,7 @@ pub(crate) fn copy(
         let src = sys::openat(libc::AT_FDCWD, &csrc, DIR_FLAGS, 0).map_err(src_err)?;
         let st = sys::fstat(&src).map_err(src_err)?;
         let (tgt, tgt_st) = open_target_dir(libc::AT_FDCWD, &ctgt).map_err(tgt_err)?;
+        let gives_acls = attrs::gives_acls(Node::Fd(&tgt));
         progress.add_dir();
         let root = Arc::new(DirNode {
             src,
@@ -187,6 +192,7 @@ pub(crate) fn copy(
             st,
             tgt_owner: (tgt_st.st_uid, tgt_st.st_gid),
             fresh: shared.id.fresh_owner(&tgt_st),
+            gives_acls,
             pending: AtomicUsize::new(1),
             parent: None,
         });
@@ -220,6 +226,7 @@ pub(crate) fn copy(
             src_path: &|| source.to_path_buf(),
             tgt_path: &|| target.to_path_buf(),
             fresh: shared.id.fresh_owner(&parent_st),
+            gives_acls: attrs::gives_acls(Node::Path(&cparent)),
             in_tree: false,
         };
         let res = if ft.is_symlink() {
@@ -358,6 +365,7 @@ fn enter_dir(shared: &Shared, parent: &Arc<DirNode>, name: &CStr) -> Option<Arc<
             return None;
         }
     };
+    let gives_acls = attrs::gives_acls(Node::Fd(&tgt));
     shared.progress.add_dir();
     parent.pending.fetch_add(1, Ordering::Relaxed);
     Some(Arc::new(DirNode {
@@ -368,6 +376,7 @@ fn enter_dir(shared: &Shared, parent: &Arc<DirNode>, name: &CStr) -> Option<Arc<
         st: src.1,
         tgt_owner: (tgt_st.st_uid, tgt_st.st_gid),
         fresh: shared.id.fresh_owner(&tgt_st),
+        gives_acls,
         pending: AtomicUsize::new(1),
         parent: Some(parent.clone()),
     }))
@@ -484,6 +493,11 @@ fn finish_dir(shared: &Shared, n: &DirNode) -> Result<(), Side> {
             &path,
         )?;
     }
+    // Created under a default ACL (which it then has too): it ends with
+    // the source's ACLs only.
+    if n.gives_acls {
+        attrs::drop_inherited(&names, tgt, true).map_err(Side::Tgt)?;
+    }
     set_mode(&n.tgt, n.st.st_mode & 0o7777).map_err(Side::Tgt)?;
     if !names.is_empty() {
         attrs::copy_xattrs(
@@ -519,6 +533,7 @@ fn copy_entry(shared: &Shared, dir: &DirNode, name: &CStr, d_type: u8, buf: &mut
         src_path: &src_path,
         tgt_path: &tgt_path,
         fresh: dir.fresh,
+        gives_acls: dir.gives_acls,
         in_tree: true,
     };
     let res = match d_type {
@@ -621,6 +636,14 @@ fn copy_special(shared: &Shared, e: &Entry) -> Result<bool, Side> {
     }
     let paths = full_paths(e)?;
     let names = by_name_meta(shared, e, &st, &paths)?;
+    if e.gives_acls {
+        let tgt = Tgt::At {
+            dir: e.tgt_dir,
+            name: e.tgt_name,
+            path: &paths.1,
+        };
+        attrs::drop_inherited(&names, tgt, false).map_err(Side::Tgt)?;
+    }
     // mknod applied the umask and cannot set setuid/setgid/sticky.
     sys::fchmodat(e.tgt_dir, e.tgt_name, mode).map_err(Side::Tgt)?;
     if !names.is_empty() {
@@ -731,7 +754,16 @@ fn copy_file(shared: &Shared, buf: &mut Vec<u8>, e: &Entry) -> Result<(), Side> 
             e.tgt_path,
         )?;
     }
-    if existed || mode & 0o7000 != 0 || mode & shared.umask != 0 || create_mode != mode {
+    if e.gives_acls {
+        attrs::drop_inherited(&names, Tgt::Fd(&tgt), false).map_err(Side::Tgt)?;
+    }
+    // Under a default ACL the umask is not applied, the ACL is.
+    if existed
+        || mode & 0o7000 != 0
+        || mode & shared.umask != 0
+        || create_mode != mode
+        || e.gives_acls
+    {
         set_mode(&tgt, mode).map_err(Side::Tgt)?;
     }
     if !names.is_empty() {

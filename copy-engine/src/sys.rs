@@ -401,3 +401,26 @@ pub fn getegid() -> u32 {
     // SAFETY: always succeeds.
     unsafe { libc::getegid() }
 }
+
+/// Whether `node` has xattr `name` (one call, no value copied).
+pub fn has_xattr(node: Node, name: &CStr) -> bool {
+    // SAFETY: valid C string; a null buffer with size 0 only asks for the size.
+    let r = unsafe {
+        match node {
+            Node::Fd(fd) => libc::fgetxattr(fd.as_raw_fd(), name.as_ptr(), std::ptr::null_mut(), 0),
+            Node::Path(p) => libc::lgetxattr(p.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0),
+        }
+    };
+    r >= 0
+}
+
+pub fn removexattr(node: Node, name: &CStr) -> io::Result<()> {
+    // SAFETY: valid C strings.
+    cvt(unsafe {
+        match node {
+            Node::Fd(fd) => libc::fremovexattr(fd.as_raw_fd(), name.as_ptr()),
+            Node::Path(p) => libc::lremovexattr(p.as_ptr(), name.as_ptr()),
+        }
+    })
+    .map(drop)
+}

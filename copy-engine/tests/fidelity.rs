@@ -434,3 +434,54 @@ fn a_destination_without_xattrs_or_acls_is_a_note_not_a_failure() {
         fs::metadata(src.join("sub/f0")).unwrap().mode() & 0o777
     );
 }
+
+#[test]
+fn a_default_acl_of_the_destination_does_not_leak_into_the_copy() {
+    require_root();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    fs::create_dir_all(src.join("sub")).unwrap();
+    fs::write(src.join("f644"), b"plain").unwrap();
+    fs::write(src.join("sub/f600"), b"private").unwrap();
+    fs::set_permissions(src.join("sub/f600"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(src.join("sub/acl"), b"own acl").unwrap();
+    setx(&src.join("sub/acl"), "system.posix_acl_access", &file_acl());
+    let sh = |s: &str| {
+        let ok = Command::new("bash")
+            .arg("-c")
+            .arg(s)
+            .current_dir(&src)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "{s}");
+    };
+    sh("mkfifo -m 0644 sub/fifo");
+    for (i, p) in ["f644", "sub/f600", "sub/acl", "sub/fifo", "sub", ""]
+        .iter()
+        .enumerate()
+    {
+        set_mtime(&src.join(p), 1_650_000_000 + i as i64, 7);
+    }
+    // A project directory whose default ACL gives a group rwx and others
+    // nothing: new entries would get that instead of their own modes.
+    let project = t.path().join("project");
+    fs::create_dir(&project).unwrap();
+    setx(&project, "system.posix_acl_default", &dir_acl());
+    let native = project.join("native");
+    let r = copy_ok(&src, &native, 2);
+    assert_eq!(r.notes, Vec::<String>::new());
+    let mut inodes = Vec::new();
+    compare(&src, &native, Path::new(""), &mut inodes);
+    // cp -a does the same, so the expectation is the peer's.
+    let cp = project.join("cp");
+    let ok = Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(&cp)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "cp -a");
+    compare(&src, &cp, Path::new(""), &mut inodes);
+}
