@@ -3,7 +3,11 @@
 //!
 //!   cargo bench -p nnf-dm --bench agent [-- control|copy]
 //!
-//! NNF_BENCH_DIR picks the file system to copy on (default /var/tmp).
+//! NNF_BENCH_DIR picks the file system to copy on (default /var/tmp); XCP
+//! the xcp binary (default: xcp on PATH; `cargo install xcp`), run as
+//! `xcp -r -o -w 0 --no-progress` (owners, modes, times, one worker per
+//! CPU: the engine's semantics but for xattrs, ACLs and hard links, which
+//! the trees do not have).
 //! Results are written down in agent/BENCHMARKS.md.
 
 use std::fs;
@@ -236,13 +240,18 @@ fn copies(base: &Path) {
             make_tree(p, 50_000, 500, 4 << 10)
         }),
     ];
+    let tmpfs = Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(&dir)
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"tmpfs"));
     println!("## Copies (medians of 3, seconds)\n");
-    println!("| tree | nnf-dm | cp -a | rsync -a | nnf-dm vs cp -a | nnf-dm vs rsync -a |");
+    println!("| tree | nnf-dm | cp -a | xcp | nnf-dm vs cp -a | nnf-dm vs xcp |");
     println!("|---|---:|---:|---:|---:|---:|");
     for (t, (label, make)) in trees.iter().enumerate() {
         let src = dir.join(format!("src{t}"));
         make(&src);
-        let (mut ours, mut cp, mut rsync) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut ours, mut cp, mut xcp) = (Vec::new(), Vec::new(), Vec::new());
         for run in 0..3 {
             for tool in 0..3 {
                 let dst = dir.join(format!("dst{t}-{run}-{tool}"));
@@ -262,16 +271,20 @@ fn copies(base: &Path) {
                         assert!(status.contains("\nstatus=success\n"), "{status}");
                     }
                     1 => cp.push(timed(Command::new("cp").arg("-a").arg(&src).arg(&dst))),
-                    _ => rsync.push(timed(
-                        Command::new("rsync")
-                            .arg("-a")
-                            .arg(format!("{}/", src.display()))
+                    _ => xcp.push(timed(
+                        Command::new(std::env::var("XCP").unwrap_or_else(|_| "xcp".into()))
+                            .args(["-r", "-o", "-w", "0", "--no-progress"])
+                            .arg(&src)
                             .arg(&dst),
                     )),
                 }
+                // RAM is not a disk: copies on tmpfs go right away.
+                if tmpfs {
+                    fs::remove_dir_all(&dst).unwrap();
+                }
             }
         }
-        let (o, c, r) = (median(ours), median(cp), median(rsync));
+        let (o, c, r) = (median(ours), median(cp), median(xcp));
         println!(
             "| {label} | {o:.3} | {c:.3} | {r:.3} | {:.2}x | {:.2}x |",
             c / o,

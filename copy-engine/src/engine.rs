@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::attrs::{self, Claim, Identity, Links, Names, NotKept, Step, Tgt, XErr};
 use crate::pool::{self, Pool};
-use crate::sys;
+use crate::sys::{self, Node};
 use crate::{Error, Options, Progress, Report};
 
 /// Files per task: big enough to amortise the queue lock, small enough that
@@ -35,6 +36,9 @@ struct Shared<'a> {
     failures: Mutex<Vec<String>>,
     notes: Mutex<Vec<String>>,
     skipped_notes: AtomicU64,
+    id: Identity,
+    links: Links,
+    not_kept: NotKept,
 }
 
 impl Shared<'_> {
@@ -56,17 +60,24 @@ impl Shared<'_> {
     }
 }
 
-/// A directory being copied. Its target gets its final mode and times only
-/// once `pending` drops to zero, i.e. after everything inside is written
-/// (writing inside would change the mtime, and a read-only mode would stop
-/// the writes).
+/// A directory being copied. Its target gets its final owner, xattrs,
+/// mode, ACLs and times only once `pending` drops to zero, i.e. after
+/// everything inside is written (writing inside would change the mtime, a
+/// read-only mode would stop the writes, and a default ACL would reach the
+/// new entries instead of their own).
 struct DirNode {
     src: OwnedFd,
     tgt: OwnedFd,
     src_path: PathBuf,
     tgt_path: PathBuf,
-    mode: u32,
-    times: [libc::timespec; 2],
+    /// The source's stat: mode, owner, times.
+    st: libc::stat,
+    /// The target's owner as created (or found).
+    tgt_owner: (u32, u32),
+    /// The owner the kernel gives new entries inside the target.
+    fresh: (u32, u32),
+    /// New entries in the target inherit ACLs (it has a default ACL).
+    gives_acls: bool,
     /// One for the listing itself plus one per child task.
     pending: AtomicUsize,
     parent: Option<Arc<DirNode>>,
@@ -100,6 +111,32 @@ enum Side {
     Tgt(io::Error),
 }
 
+impl From<XErr> for Side {
+    fn from(e: XErr) -> Side {
+        match e {
+            XErr::Src(e) => Side::Src(e),
+            XErr::Tgt(e) => Side::Tgt(e),
+        }
+    }
+}
+
+/// Where one non-directory entry is copied from and to: directory fds and
+/// names for the calls, full paths (built only when needed) for reports.
+struct Entry<'a> {
+    src_dir: RawFd,
+    tgt_dir: RawFd,
+    name: &'a CStr,
+    tgt_name: &'a CStr,
+    src_path: &'a dyn Fn() -> PathBuf,
+    tgt_path: &'a dyn Fn() -> PathBuf,
+    /// The owner a new entry gets in the target directory.
+    fresh: (u32, u32),
+    /// A new entry inherits ACLs from the target directory.
+    gives_acls: bool,
+    /// Inside a tree (hard links are grouped there only).
+    in_tree: bool,
+}
+
 pub(crate) fn copy(
     source: &Path,
     target: &Path,
@@ -125,13 +162,18 @@ pub(crate) fn copy(
         failures: Mutex::new(Vec::new()),
         notes: Mutex::new(Vec::new()),
         skipped_notes: AtomicU64::new(0),
+        id: Identity::current(),
+        links: Links::default(),
+        not_kept: NotKept::default(),
     };
-    if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| Error::Target {
-            path: parent.to_path_buf(),
-            error: e,
-        })?;
-    }
+    let parent = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| Error::Target {
+        path: parent.to_path_buf(),
+        error: e,
+    })?;
     let csrc = sys::cstring(source).map_err(src_err)?;
     let ctgt = sys::cstring(target).map_err(tgt_err)?;
     let ft = meta.file_type();
@@ -139,15 +181,18 @@ pub(crate) fn copy(
         check_not_into_itself(source, target)?;
         let src = sys::openat(libc::AT_FDCWD, &csrc, DIR_FLAGS, 0).map_err(src_err)?;
         let st = sys::fstat(&src).map_err(src_err)?;
-        let tgt = open_target_dir(libc::AT_FDCWD, &ctgt).map_err(tgt_err)?;
+        let (tgt, tgt_st) = open_target_dir(libc::AT_FDCWD, &ctgt).map_err(tgt_err)?;
+        let gives_acls = attrs::gives_acls(Node::Fd(&tgt));
         progress.add_dir();
         let root = Arc::new(DirNode {
             src,
             tgt,
             src_path: source.to_path_buf(),
             tgt_path: target.to_path_buf(),
-            mode: st.st_mode & 0o7777,
-            times: sys::times_of(&st),
+            st,
+            tgt_owner: (tgt_st.st_uid, tgt_st.st_gid),
+            fresh: shared.id.fresh_owner(&tgt_st),
+            gives_acls,
             pending: AtomicUsize::new(1),
             parent: None,
         });
@@ -167,31 +212,35 @@ pub(crate) fn copy(
             },
             |task, scratch, pool| run_task(&shared, task, scratch, pool),
         );
-    } else if ft.is_symlink() {
-        copy_symlink(&shared, libc::AT_FDCWD, &csrc, libc::AT_FDCWD, &ctgt).map_err(
-            |e| match e {
-                Side::Src(e) => src_err(e),
-                Side::Tgt(e) => tgt_err(e),
-            },
-        )?;
-        progress.add_link();
-    } else if ft.is_file() {
-        let mut buf = Vec::new();
-        copy_file(
-            &shared,
-            &mut buf,
-            libc::AT_FDCWD,
-            &csrc,
-            libc::AT_FDCWD,
-            &ctgt,
-        )
-        .map_err(|e| match e {
+    } else {
+        let cparent = sys::cstring(parent).map_err(tgt_err)?;
+        let parent_st = sys::fstatat(libc::AT_FDCWD, &cparent, 0).map_err(|e| Error::Target {
+            path: parent.to_path_buf(),
+            error: e,
+        })?;
+        let entry = Entry {
+            src_dir: libc::AT_FDCWD,
+            tgt_dir: libc::AT_FDCWD,
+            name: &csrc,
+            tgt_name: &ctgt,
+            src_path: &|| source.to_path_buf(),
+            tgt_path: &|| target.to_path_buf(),
+            fresh: shared.id.fresh_owner(&parent_st),
+            gives_acls: attrs::gives_acls(Node::Path(&cparent)),
+            in_tree: false,
+        };
+        let res = if ft.is_symlink() {
+            copy_symlink(&shared, &entry).map(|()| progress.add_link())
+        } else if ft.is_file() {
+            let mut buf = Vec::new();
+            copy_file(&shared, &mut buf, &entry).map(|()| progress.add_file())
+        } else {
+            copy_special(&shared, &entry).map(drop)
+        };
+        res.map_err(|e| match e {
             Side::Src(e) => src_err(e),
             Side::Tgt(e) => tgt_err(e),
         })?;
-        progress.add_file();
-    } else {
-        shared.note(format!("skipped special file: {}", source.display()));
     }
     if cancel.load(Ordering::Relaxed) {
         return Err(Error::Cancelled);
@@ -201,6 +250,7 @@ pub(crate) fn copy(
     if extra > 0 {
         notes.push(format!("{extra} more notes not shown"));
     }
+    notes.extend(shared.not_kept.into_notes());
     Ok(Report {
         counts: progress.snapshot(),
         failure_count: shared.failure_count.load(Ordering::Relaxed),
@@ -242,12 +292,17 @@ fn check_not_into_itself(source: &Path, target: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Creates (or, on a re-run, reuses) a target directory and opens it.
-fn open_target_dir(parent: RawFd, name: &CStr) -> io::Result<OwnedFd> {
+/// Creates (or, on a re-run, reuses) a target directory and opens it; its
+/// stat says what owner it and its new entries have.
+fn open_target_dir(parent: RawFd, name: &CStr) -> io::Result<(OwnedFd, libc::stat)> {
     // 0700 until the directory is finished: the final mode may forbid the
     // writes still to come.
     match sys::mkdirat(parent, name, 0o700) {
-        Ok(()) => sys::openat(parent, name, DIR_FLAGS, 0),
+        Ok(()) => {
+            let fd = sys::openat(parent, name, DIR_FLAGS, 0)?;
+            let st = sys::fstat(&fd)?;
+            Ok((fd, st))
+        }
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
             let fd = sys::openat(parent, name, DIR_FLAGS, 0)?;
             // A previous run may have finished it read-only.
@@ -255,7 +310,7 @@ fn open_target_dir(parent: RawFd, name: &CStr) -> io::Result<OwnedFd> {
             if st.st_mode & 0o700 != 0o700 {
                 sys::fchmod(&fd, (st.st_mode & 0o7777) | 0o700)?;
             }
-            Ok(fd)
+            Ok((fd, st))
         }
         Err(e) => Err(e),
     }
@@ -303,13 +358,14 @@ fn enter_dir(shared: &Shared, parent: &Arc<DirNode>, name: &CStr) -> Option<Arc<
             return None;
         }
     };
-    let tgt = match open_target_dir(parent.tgt.as_raw_fd(), name) {
-        Ok(fd) => fd,
+    let (tgt, tgt_st) = match open_target_dir(parent.tgt.as_raw_fd(), name) {
+        Ok(v) => v,
         Err(e) => {
             shared.fail(&join(&parent.tgt_path, name), &e);
             return None;
         }
     };
+    let gives_acls = attrs::gives_acls(Node::Fd(&tgt));
     shared.progress.add_dir();
     parent.pending.fetch_add(1, Ordering::Relaxed);
     Some(Arc::new(DirNode {
@@ -317,8 +373,10 @@ fn enter_dir(shared: &Shared, parent: &Arc<DirNode>, name: &CStr) -> Option<Arc<
         tgt,
         src_path: join(&parent.src_path, name),
         tgt_path: join(&parent.tgt_path, name),
-        mode: src.1.st_mode & 0o7777,
-        times: sys::times_of(&src.1),
+        st: src.1,
+        tgt_owner: (tgt_st.st_uid, tgt_st.st_gid),
+        fresh: shared.id.fresh_owner(&tgt_st),
+        gives_acls,
         pending: AtomicUsize::new(1),
         parent: Some(parent.clone()),
     }))
@@ -387,6 +445,10 @@ fn mode_to_dtype(mode: u32) -> u8 {
         libc::S_IFDIR => libc::DT_DIR,
         libc::S_IFREG => libc::DT_REG,
         libc::S_IFLNK => libc::DT_LNK,
+        libc::S_IFIFO => libc::DT_FIFO,
+        libc::S_IFSOCK => libc::DT_SOCK,
+        libc::S_IFCHR => libc::DT_CHR,
+        libc::S_IFBLK => libc::DT_BLK,
         _ => libc::DT_UNKNOWN,
     }
 }
@@ -401,13 +463,53 @@ fn finish(shared: &Shared, node: Arc<DirNode>) {
         }
         // A cancelled copy is left as it is: nothing to polish.
         if !shared.cancel.load(Ordering::Relaxed) {
-            if let Err(e) = set_mode(&n.tgt, n.mode).and_then(|()| sys::futimens(&n.tgt, &n.times))
-            {
-                shared.fail(&n.tgt_path, &e);
+            match finish_dir(shared, &n) {
+                Ok(()) => {}
+                Err(Side::Src(e)) => shared.fail(&n.src_path, &e),
+                Err(Side::Tgt(e)) => shared.fail(&n.tgt_path, &e),
             }
         }
         cur = n.parent.clone();
     }
+}
+
+/// A directory's metadata in `cp -a`'s order: owner, xattrs, mode, ACLs
+/// (access and default), times.
+fn finish_dir(shared: &Shared, n: &DirNode) -> Result<(), Side> {
+    let tgt = Tgt::Fd(&n.tgt);
+    shared
+        .id
+        .set_owner(tgt, &n.st, n.tgt_owner)
+        .map_err(Side::Tgt)?;
+    let names = Names::of(Node::Fd(&n.src)).map_err(Side::Src)?;
+    let path = || n.tgt_path.clone();
+    if !names.is_empty() {
+        attrs::copy_xattrs(
+            &names,
+            Step::Plain,
+            Node::Fd(&n.src),
+            tgt,
+            &shared.not_kept,
+            &path,
+        )?;
+    }
+    // Created under a default ACL (which it then has too): it ends with
+    // the source's ACLs only.
+    if n.gives_acls {
+        attrs::drop_inherited(&names, tgt, true).map_err(Side::Tgt)?;
+    }
+    set_mode(&n.tgt, n.st.st_mode & 0o7777).map_err(Side::Tgt)?;
+    if !names.is_empty() {
+        attrs::copy_xattrs(
+            &names,
+            Step::Acls,
+            Node::Fd(&n.src),
+            tgt,
+            &shared.not_kept,
+            &path,
+        )?;
+    }
+    sys::futimens(&n.tgt, &sys::times_of(&n.st)).map_err(Side::Tgt)
 }
 
 /// Setuid/setgid/sticky may be refused (EPERM) where the plain bits are not.
@@ -421,91 +523,264 @@ fn set_mode(fd: &OwnedFd, mode: u32) -> io::Result<()> {
 }
 
 fn copy_entry(shared: &Shared, dir: &DirNode, name: &CStr, d_type: u8, buf: &mut Vec<u8>) {
-    let (src, tgt) = (dir.src.as_raw_fd(), dir.tgt.as_raw_fd());
+    let src_path = || join(&dir.src_path, name);
+    let tgt_path = || join(&dir.tgt_path, name);
+    let entry = Entry {
+        src_dir: dir.src.as_raw_fd(),
+        tgt_dir: dir.tgt.as_raw_fd(),
+        name,
+        tgt_name: name,
+        src_path: &src_path,
+        tgt_path: &tgt_path,
+        fresh: dir.fresh,
+        gives_acls: dir.gives_acls,
+        in_tree: true,
+    };
     let res = match d_type {
-        libc::DT_REG => {
-            copy_file(shared, buf, src, name, tgt, name).map(|()| shared.progress.add_file())
-        }
-        libc::DT_LNK => {
-            copy_symlink(shared, src, name, tgt, name).map(|()| shared.progress.add_link())
+        libc::DT_REG => copy_file(shared, buf, &entry).map(|()| shared.progress.add_file()),
+        libc::DT_LNK => copy_symlink(shared, &entry).map(|()| shared.progress.add_link()),
+        libc::DT_FIFO | libc::DT_SOCK | libc::DT_CHR | libc::DT_BLK => {
+            copy_special(shared, &entry).map(drop)
         }
         _ => {
-            shared.note(format!(
-                "skipped special file: {}",
-                join(&dir.src_path, name).display()
-            ));
+            shared.note(format!("skipped special file: {}", src_path().display()));
             Ok(())
         }
     };
     match res {
         Ok(()) => {}
-        Err(Side::Src(e)) => shared.fail(&join(&dir.src_path, name), &e),
-        Err(Side::Tgt(e)) => shared.fail(&join(&dir.tgt_path, name), &e),
+        Err(Side::Src(e)) => shared.fail(&src_path(), &e),
+        Err(Side::Tgt(e)) => shared.fail(&tgt_path(), &e),
     }
 }
 
-fn copy_symlink(
-    _shared: &Shared,
-    src_dir: RawFd,
-    src_name: &CStr,
-    tgt_dir: RawFd,
-    tgt_name: &CStr,
-) -> Result<(), Side> {
-    let st = sys::fstatat(src_dir, src_name, libc::AT_SYMLINK_NOFOLLOW).map_err(Side::Src)?;
-    let link = sys::readlinkat(src_dir, src_name).map_err(Side::Src)?;
-    match sys::symlinkat(&link, tgt_dir, tgt_name) {
-        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-            // A re-run replaces what the previous run left.
-            sys::unlinkat(tgt_dir, tgt_name, 0).map_err(Side::Tgt)?;
-            sys::symlinkat(&link, tgt_dir, tgt_name).map_err(Side::Tgt)?;
+/// Runs `make` for a new entry; a re-run first removes what the previous
+/// run left there.
+fn create_replacing(e: &Entry, make: impl Fn() -> io::Result<()>) -> Result<(), Side> {
+    match make() {
+        Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {
+            sys::unlinkat(e.tgt_dir, e.tgt_name, 0).map_err(Side::Tgt)?;
+            make().map_err(Side::Tgt)
         }
-        other => other.map_err(Side::Tgt)?,
+        other => other.map_err(Side::Tgt),
     }
-    sys::utimensat_nofollow(tgt_dir, tgt_name, &sys::times_of(&st)).map_err(Side::Tgt)
 }
 
-fn copy_file(
+/// Owner and xattrs of an entry that cannot be opened (a symlink or special
+/// file): by name, with full paths for the xattr calls. Returns the names
+/// so the caller can set its ACLs after the mode.
+fn by_name_meta(
     shared: &Shared,
-    buf: &mut Vec<u8>,
-    src_dir: RawFd,
-    src_name: &CStr,
-    tgt_dir: RawFd,
-    tgt_name: &CStr,
-) -> Result<(), Side> {
-    let src =
-        sys::openat(src_dir, src_name, libc::O_RDONLY | libc::O_NOFOLLOW, 0).map_err(Side::Src)?;
-    let st = sys::fstat(&src).map_err(Side::Src)?;
+    e: &Entry,
+    st: &libc::stat,
+    paths: &(CString, CString),
+) -> Result<Names, Side> {
+    let tgt = Tgt::At {
+        dir: e.tgt_dir,
+        name: e.tgt_name,
+        path: &paths.1,
+    };
+    shared.id.set_owner(tgt, st, e.fresh).map_err(Side::Tgt)?;
+    let names = Names::of(Node::Path(&paths.0)).map_err(Side::Src)?;
+    if !names.is_empty() {
+        attrs::copy_xattrs(
+            &names,
+            Step::Plain,
+            Node::Path(&paths.0),
+            tgt,
+            &shared.not_kept,
+            e.tgt_path,
+        )?;
+    }
+    Ok(names)
+}
+
+fn full_paths(e: &Entry) -> Result<(CString, CString), Side> {
+    Ok((
+        sys::cstring(&(e.src_path)()).map_err(Side::Src)?,
+        sys::cstring(&(e.tgt_path)()).map_err(Side::Tgt)?,
+    ))
+}
+
+fn copy_symlink(shared: &Shared, e: &Entry) -> Result<(), Side> {
+    let st = sys::fstatat(e.src_dir, e.name, libc::AT_SYMLINK_NOFOLLOW).map_err(Side::Src)?;
+    let link = sys::readlinkat(e.src_dir, e.name).map_err(Side::Src)?;
+    create_replacing(e, || sys::symlinkat(&link, e.tgt_dir, e.tgt_name))?;
+    // Symlinks have no mode and no ACLs; Linux allows them no user.*
+    // xattrs either, so this is about root's trusted.*/security.*.
+    let paths = full_paths(e)?;
+    by_name_meta(shared, e, &st, &paths)?;
+    sys::utimensat_nofollow(e.tgt_dir, e.tgt_name, &sys::times_of(&st)).map_err(Side::Tgt)
+}
+
+/// FIFOs and sockets are recreated, device nodes too where the kernel
+/// lets us (CAP_MKNOD); otherwise they are skipped with a note, where
+/// `cp -a` fails. Returns whether the entry was created.
+fn copy_special(shared: &Shared, e: &Entry) -> Result<bool, Side> {
+    let st = sys::fstatat(e.src_dir, e.name, libc::AT_SYMLINK_NOFOLLOW).map_err(Side::Src)?;
+    let fmt = st.st_mode & libc::S_IFMT;
     let mode = st.st_mode & 0o7777;
+    let device = fmt == libc::S_IFCHR || fmt == libc::S_IFBLK;
+    let rdev = if device { st.st_rdev } else { 0 };
+    match create_replacing(e, || {
+        sys::mknodat(e.tgt_dir, e.tgt_name, fmt | (mode & 0o777), rdev)
+    }) {
+        Err(Side::Tgt(err)) if device && err.raw_os_error() == Some(libc::EPERM) => {
+            shared.note(format!(
+                "skipped device node (creating one needs privileges): {}",
+                (e.src_path)().display()
+            ));
+            return Ok(false);
+        }
+        other => other?,
+    }
+    let paths = full_paths(e)?;
+    let names = by_name_meta(shared, e, &st, &paths)?;
+    if e.gives_acls {
+        let tgt = Tgt::At {
+            dir: e.tgt_dir,
+            name: e.tgt_name,
+            path: &paths.1,
+        };
+        attrs::drop_inherited(&names, tgt, false).map_err(Side::Tgt)?;
+    }
+    // mknod applied the umask and cannot set setuid/setgid/sticky.
+    sys::fchmodat(e.tgt_dir, e.tgt_name, mode).map_err(Side::Tgt)?;
+    if !names.is_empty() {
+        let tgt = Tgt::At {
+            dir: e.tgt_dir,
+            name: e.tgt_name,
+            path: &paths.1,
+        };
+        attrs::copy_xattrs(
+            &names,
+            Step::Acls,
+            Node::Path(&paths.0),
+            tgt,
+            &shared.not_kept,
+            e.tgt_path,
+        )?;
+    }
+    sys::utimensat_nofollow(e.tgt_dir, e.tgt_name, &sys::times_of(&st)).map_err(Side::Tgt)?;
+    Ok(true)
+}
+
+/// Links `e` to `first`, the finished copy of another name of the same
+/// source inode; replaces what a previous run left.
+fn link_to(e: &Entry, first: &CStr) -> Result<(), Side> {
+    create_replacing(e, || sys::linkat(first, e.tgt_dir, e.tgt_name))
+}
+
+fn copy_file(shared: &Shared, buf: &mut Vec<u8>, e: &Entry) -> Result<(), Side> {
+    let src =
+        sys::openat(e.src_dir, e.name, libc::O_RDONLY | libc::O_NOFOLLOW, 0).map_err(Side::Src)?;
+    let st = sys::fstat(&src).map_err(Side::Src)?;
+    let mut guard = None;
+    if e.in_tree && st.st_nlink > 1 {
+        match shared.links.claim(&st) {
+            Claim::First(g) => guard = Some(g),
+            Claim::LinkTo(first) => match link_to(e, &first) {
+                Ok(()) => {
+                    shared.progress.add_bytes(st.st_size as u64);
+                    return Ok(());
+                }
+                // No link possible here (EMLINK, a file system without
+                // hard links): the data is still worth a copy of its own.
+                Err(_) => {
+                    shared.not_kept.add(
+                        "hard links".to_string(),
+                        "the destination refused the link; copied instead",
+                        (e.tgt_path)(),
+                    );
+                }
+            },
+        }
+    }
+    let names = Names::of(Node::Fd(&src)).map_err(Side::Src)?;
+    let mode = st.st_mode & 0o7777;
+    // The kernel wants write permission for user.* xattrs even from the
+    // owner, so a read-only file is created writable until its xattrs are
+    // in (cp -a's chmod u+rw in copy_reg does the same).
+    let create_mode = if !shared.id.root && mode & 0o200 == 0 && names.has_plain() {
+        mode | 0o200
+    } else {
+        mode
+    };
     let wr = libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW;
     // O_EXCL first: a fresh file gets its final mode from open itself and
     // needs no fchmod; only a re-run pays for the second open.
-    let (tgt, existed) = match sys::openat(tgt_dir, tgt_name, wr | libc::O_EXCL, mode) {
+    let (tgt, existed) = match sys::openat(e.tgt_dir, e.tgt_name, wr | libc::O_EXCL, create_mode) {
         Ok(fd) => (fd, false),
-        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-            match sys::openat(tgt_dir, tgt_name, wr | libc::O_TRUNC, mode) {
+        Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {
+            match sys::openat(e.tgt_dir, e.tgt_name, wr | libc::O_TRUNC, create_mode) {
                 Ok(fd) => (fd, true),
-                Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                Err(err) if err.raw_os_error() == Some(libc::ELOOP) => {
                     // A symlink left where a file now is: replace it rather
                     // than write through it.
-                    sys::unlinkat(tgt_dir, tgt_name, 0).map_err(Side::Tgt)?;
+                    sys::unlinkat(e.tgt_dir, e.tgt_name, 0).map_err(Side::Tgt)?;
                     (
-                        sys::openat(tgt_dir, tgt_name, wr | libc::O_EXCL, mode)
+                        sys::openat(e.tgt_dir, e.tgt_name, wr | libc::O_EXCL, create_mode)
                             .map_err(Side::Tgt)?,
                         false,
                     )
                 }
-                Err(e) => return Err(Side::Tgt(e)),
+                Err(err) => return Err(Side::Tgt(err)),
             }
         }
-        Err(e) => return Err(Side::Tgt(e)),
+        Err(err) => return Err(Side::Tgt(err)),
     };
     copy_data(shared, buf, &src, &tgt, &st)?;
-    // Writing clears setuid/setgid for unprivileged writers, so those bits
-    // are set after the data; the umask may also have stripped bits.
-    if existed || mode & 0o7000 != 0 || mode & shared.umask != 0 {
+    // cp -a's order: owner, xattrs, mode, ACLs, times. chown clears
+    // setuid/setgid and security.capability, so it goes first; writing
+    // clears setuid/setgid for unprivileged writers, so those bits are set
+    // after the data; the umask may also have stripped bits.
+    let have = if existed {
+        let t = sys::fstat(&tgt).map_err(Side::Tgt)?;
+        (t.st_uid, t.st_gid)
+    } else {
+        e.fresh
+    };
+    shared
+        .id
+        .set_owner(Tgt::Fd(&tgt), &st, have)
+        .map_err(Side::Tgt)?;
+    if !names.is_empty() {
+        attrs::copy_xattrs(
+            &names,
+            Step::Plain,
+            Node::Fd(&src),
+            Tgt::Fd(&tgt),
+            &shared.not_kept,
+            e.tgt_path,
+        )?;
+    }
+    if e.gives_acls {
+        attrs::drop_inherited(&names, Tgt::Fd(&tgt), false).map_err(Side::Tgt)?;
+    }
+    // Under a default ACL the umask is not applied, the ACL is.
+    if existed
+        || mode & 0o7000 != 0
+        || mode & shared.umask != 0
+        || create_mode != mode
+        || e.gives_acls
+    {
         set_mode(&tgt, mode).map_err(Side::Tgt)?;
     }
-    sys::futimens(&tgt, &sys::times_of(&st)).map_err(Side::Tgt)
+    if !names.is_empty() {
+        attrs::copy_xattrs(
+            &names,
+            Step::Acls,
+            Node::Fd(&src),
+            Tgt::Fd(&tgt),
+            &shared.not_kept,
+            e.tgt_path,
+        )?;
+    }
+    sys::futimens(&tgt, &sys::times_of(&st)).map_err(Side::Tgt)?;
+    if let Some(g) = guard {
+        g.done(&(e.tgt_path)());
+    }
+    Ok(())
 }
 
 fn copy_data(

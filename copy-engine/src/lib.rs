@@ -1,10 +1,14 @@
 //! Copy engine: the native engine of the agent's built-in `default` profile.
 //!
-//! `cp -r`-like semantics: modes and times preserved (not ownership),
-//! symlinks copied as symlinks, holes kept, special files skipped with a
-//! note, one failing file does not stop the others. The caller runs it with
-//! the requesting user's credentials already in place, so the kernel is the
-//! one enforcing permissions.
+//! `cp -a` semantics: data (holes kept), owner (as far as the caller may
+//! give it), xattrs of every namespace the caller can read and write, POSIX
+//! ACLs, modes and times, symlinks as symlinks, hard-link groups inside the
+//! tree as one inode, FIFOs and sockets recreated, device nodes where the
+//! caller may create them (else skipped with a note). What the destination
+//! cannot hold (ENOTSUP) is a note, not a failure; one failing file does
+//! not stop the others. The caller runs it with the requesting user's
+//! credentials already in place, so the kernel is the one enforcing
+//! permissions.
 //!
 //! The agent runs [`run_worker`] in a child process and reads
 //! [`WorkerEvent`]s, one JSON object a line, from its stdout.
@@ -17,6 +21,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod attrs;
 mod engine;
 mod pool;
 mod scan;
@@ -92,7 +97,8 @@ impl Progress {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ScanTotals {
     pub total_bytes: u64,
-    /// Directories, regular files and symlinks (special files are skipped).
+    /// Directories, regular files (each name of a hard link) and symlinks;
+    /// FIFOs, sockets and device nodes are copied but not counted.
     pub total_items: u64,
 }
 
@@ -103,7 +109,9 @@ pub struct Report {
     pub failure_count: u64,
     /// The first 10 failures, as `"<path>: <error text>"`.
     pub failures: Vec<String>,
-    /// Informational lines, such as `skipped special file: <path>`.
+    /// Informational lines, such as `skipped device node (...): <path>` or
+    /// `not kept (the destination does not support them): ACLs of 3
+    /// entries, first <path>`.
     pub notes: Vec<String>,
 }
 

@@ -268,3 +268,159 @@ pub fn current_umask() -> u32 {
     }
     0o022
 }
+
+/// Where an xattr call acts: an open descriptor (the cheap, race-free case
+/// for files and directories) or a path, not followed (symlinks and special
+/// files, which cannot be opened for this without side effects).
+#[derive(Clone, Copy)]
+pub enum Node<'a> {
+    Fd(&'a OwnedFd),
+    Path(&'a CStr),
+}
+
+/// The NUL-separated xattr names of `node`; empty (one syscall) in the
+/// common case of none, and also when the file system has no xattrs.
+pub fn listxattr(node: Node) -> io::Result<Vec<u8>> {
+    let call = |buf: &mut [u8]| {
+        let (ptr, len) = if buf.is_empty() {
+            (std::ptr::null_mut(), 0)
+        } else {
+            (buf.as_mut_ptr().cast::<libc::c_char>(), buf.len())
+        };
+        // SAFETY: `ptr` is null with length 0 or writable for `len` bytes.
+        cvt_size(unsafe {
+            match node {
+                Node::Fd(fd) => libc::flistxattr(fd.as_raw_fd(), ptr, len),
+                Node::Path(p) => libc::llistxattr(p.as_ptr(), ptr, len),
+            }
+        })
+    };
+    loop {
+        let size = match call(&mut []) {
+            Ok(0) => return Ok(Vec::new()),
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut buf = vec![0u8; size];
+        match call(&mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            // Grew between the two calls: ask again.
+            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The value of xattr `name`; `Ok(None)` if it vanished meanwhile.
+pub fn getxattr(node: Node, name: &CStr) -> io::Result<Option<Vec<u8>>> {
+    let call = |buf: &mut [u8]| {
+        let (ptr, len) = if buf.is_empty() {
+            (std::ptr::null_mut(), 0)
+        } else {
+            (buf.as_mut_ptr().cast::<libc::c_void>(), buf.len())
+        };
+        // SAFETY: valid C string; `ptr` is null with length 0 or writable for `len` bytes.
+        cvt_size(unsafe {
+            match node {
+                Node::Fd(fd) => libc::fgetxattr(fd.as_raw_fd(), name.as_ptr(), ptr, len),
+                Node::Path(p) => libc::lgetxattr(p.as_ptr(), name.as_ptr(), ptr, len),
+            }
+        })
+    };
+    loop {
+        let size = match call(&mut []) {
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut buf = vec![0u8; size];
+        if size == 0 {
+            return Ok(Some(buf));
+        }
+        match call(&mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(Some(buf));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+pub fn setxattr(node: Node, name: &CStr, value: &[u8]) -> io::Result<()> {
+    let (ptr, len) = (value.as_ptr().cast::<libc::c_void>(), value.len());
+    // SAFETY: valid C string; `value` is readable for its length.
+    cvt(unsafe {
+        match node {
+            Node::Fd(fd) => libc::fsetxattr(fd.as_raw_fd(), name.as_ptr(), ptr, len, 0),
+            Node::Path(p) => libc::lsetxattr(p.as_ptr(), name.as_ptr(), ptr, len, 0),
+        }
+    })
+    .map(drop)
+}
+
+/// `u32::MAX` leaves that id as it is (the `-1` of chown(2)).
+pub fn fchown(fd: &OwnedFd, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: plain syscall on a descriptor we own.
+    cvt(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) }).map(drop)
+}
+
+pub fn lchownat(dir: RawFd, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: valid C string; the kernel validates `dir`.
+    cvt(unsafe { libc::fchownat(dir, name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) })
+        .map(drop)
+}
+
+pub fn fchmodat(dir: RawFd, name: &CStr, mode: u32) -> io::Result<()> {
+    // SAFETY: valid C string; the kernel validates `dir`.
+    cvt(unsafe { libc::fchmodat(dir, name.as_ptr(), mode as libc::mode_t, 0) }).map(drop)
+}
+
+pub fn mknodat(dir: RawFd, name: &CStr, mode: u32, dev: u64) -> io::Result<()> {
+    // SAFETY: valid C string; the kernel validates `dir`.
+    cvt(unsafe { libc::mknodat(dir, name.as_ptr(), mode as libc::mode_t, dev) }).map(drop)
+}
+
+pub fn linkat(old: &CStr, dir: RawFd, name: &CStr) -> io::Result<()> {
+    // SAFETY: both are valid C strings; the kernel validates `dir`.
+    cvt(unsafe { libc::linkat(libc::AT_FDCWD, old.as_ptr(), dir, name.as_ptr(), 0) }).map(drop)
+}
+
+pub fn geteuid() -> u32 {
+    // SAFETY: always succeeds.
+    unsafe { libc::geteuid() }
+}
+
+pub fn getegid() -> u32 {
+    // SAFETY: always succeeds.
+    unsafe { libc::getegid() }
+}
+
+/// Whether `node` has xattr `name` (one call, no value copied).
+pub fn has_xattr(node: Node, name: &CStr) -> bool {
+    // SAFETY: valid C string; a null buffer with size 0 only asks for the size.
+    let r = unsafe {
+        match node {
+            Node::Fd(fd) => libc::fgetxattr(fd.as_raw_fd(), name.as_ptr(), std::ptr::null_mut(), 0),
+            Node::Path(p) => libc::lgetxattr(p.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0),
+        }
+    };
+    r >= 0
+}
+
+pub fn removexattr(node: Node, name: &CStr) -> io::Result<()> {
+    // SAFETY: valid C strings.
+    cvt(unsafe {
+        match node {
+            Node::Fd(fd) => libc::fremovexattr(fd.as_raw_fd(), name.as_ptr()),
+            Node::Path(p) => libc::lremovexattr(p.as_ptr(), name.as_ptr()),
+        }
+    })
+    .map(drop)
+}

@@ -358,7 +358,7 @@ fn resolve_destination_follows_cp_rule() {
 }
 
 #[test]
-fn special_file_skipped_with_note() {
+fn fifo_recreated_and_not_counted() {
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
     fs::create_dir(&src).unwrap();
@@ -366,18 +366,21 @@ fn special_file_skipped_with_note() {
     let fifo = src.join("pipe");
     let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
     // SAFETY: valid C string.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o640) }, 0);
+    lset_times(&fifo, 1_500_000_000, 4242);
+    // Special files are not counted: totals are what progress counts.
     let totals = prescan(&src, &opts(0), &AtomicBool::new(false)).unwrap();
     assert_eq!(totals.total_items, 2);
     let dst = t.path().join("dst");
     let r = copy_ok(&src, &dst, 2);
-    assert_eq!(
-        r.notes,
-        vec![format!("skipped special file: {}", fifo.display())]
-    );
+    assert_eq!(r.notes, Vec::<String>::new());
     assert_eq!(r.failure_count, 0);
+    assert_eq!(r.counts.items, 2);
     assert!(dst.join("regular").exists());
-    assert!(fs::symlink_metadata(dst.join("pipe")).is_err());
+    let m = fs::symlink_metadata(dst.join("pipe")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()));
+    assert_eq!(m.mode() & 0o7777, 0o640);
+    assert_eq!((m.mtime(), m.mtime_nsec()), (1_500_000_000, 4242));
 }
 
 #[test]
