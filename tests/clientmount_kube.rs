@@ -43,7 +43,7 @@ impl World {
             .prefix("clientmountd-kube-")
             .tempdir()
             .expect("tempdir");
-        for d in ["bin", "mapper", "map", "mnt"] {
+        for d in ["bin", "mapper", "map", "mnt", "nvme"] {
             fs::create_dir_all(tmp.path().join(d)).unwrap();
         }
         let w = World {
@@ -84,6 +84,8 @@ impl World {
             self.p("mapper").to_str().unwrap(),
             "--device-wait",
             "5s",
+            "--nvme-dir",
+            self.p("nvme").to_str().unwrap(),
         ]
         .iter()
         .map(|s| s.to_string())

@@ -25,7 +25,7 @@ impl World {
             .prefix("clientmountd-test-")
             .tempdir()
             .expect("tempdir");
-        for d in ["spec", "bin", "mapper", "map", "mnt"] {
+        for d in ["spec", "bin", "mapper", "map", "mnt", "nvme"] {
             fs::create_dir_all(tmp.path().join(d)).unwrap();
         }
         let w = World { tmp };
@@ -54,6 +54,8 @@ impl World {
                 self.p("mapper").to_str().unwrap(),
                 "--device-wait",
                 "5s",
+                "--nvme-dir",
+                self.p("nvme").to_str().unwrap(),
             ],
         )
     }

@@ -138,29 +138,111 @@ pub fn stub(bin: &Path, name: &str, body: &str) {
     crate::write_executable(&path, format!("#!/bin/bash\n{body}\n").as_bytes());
 }
 
-/// Recording `lvchange`/`vgchange` stand-ins. `lvchange --activate y*
+/// Recording `lvchange`/`vgchange`/`nvme` stand-ins, and `lvs`/`vgs`
+/// stand-ins that answer from the same state. `lvchange --activate y*
 /// VG/LV` makes `<devdir>/<dm name>` a symlink to the device named in
 /// `<map>/<VG>/<LV>` (as device-mapper would create the node), `--activate
-/// n` removes it.
+/// n` removes it. The state: a VG exists when `<map>/<VG>` does, an LV when
+/// `<map>/<VG>/<LV>` does, and it is active when its node in `<devdir>`
+/// exists. `lvs`/`vgs` calls go to `<log>.queries`, not to `log`.
+///
+/// Scripting: a file `<map>/.fail-<command>` makes `vgchange`/`lvchange`
+/// print its text on stderr and exit 5. The `nvme` stand-in answers
+/// `nvme list ...` with `<map>/.nvme/list-<N>.json` for its N-th call
+/// (else `<map>/.nvme/list.json`, else no devices), and runs the executable
+/// `<map>/.nvme/on-rescan` on each `nvme ns-rescan`.
 pub fn lvm_stubs(bin: &Path, log: &Path, map: &Path, devdir: &Path) {
-    let log = log.display();
-    stub(bin, "vgchange", &format!("echo \"vgchange $*\" >> '{log}'"));
+    let queries = log.with_extension("queries");
+    let (log, map_s, dev_s, q) = (
+        log.display(),
+        map.display(),
+        devdir.display(),
+        queries.display(),
+    );
+    fs::create_dir_all(map.join(".nvme")).expect("nvme script dir");
+    let fail = |cmd: &str| {
+        format!("[ -f '{map_s}/.fail-{cmd}' ] && {{ cat '{map_s}/.fail-{cmd}' >&2; exit 5; }}\n")
+    };
+    stub(
+        bin,
+        "vgchange",
+        &format!(
+            "echo \"vgchange $*\" >> '{log}'\n{}exit 0",
+            fail("vgchange")
+        ),
+    );
     stub(
         bin,
         "lvchange",
         &format!(
             r#"echo "lvchange $*" >> '{log}'
-vglv="$3"; vg="${{vglv%%/*}}"; lv="${{vglv#*/}}"
-node='{devdir}'/"${{vg//-/--}}-${{lv//-/--}}"
+{fail}vglv="$3"; vg="${{vglv%%/*}}"; lv="${{vglv#*/}}"
+node='{dev_s}'/"${{vg//-/--}}-${{lv//-/--}}"
 case "$2" in
-  y|ys|ey|sy) ln -sfn "$(cat '{map}'/"$vg"/"$lv")" "$node" ;;
+  y|ys|ey|sy) ln -sfn "$(cat '{map_s}'/"$vg"/"$lv")" "$node" ;;
   n) rm -f "$node" ;;
 esac"#,
-            devdir = devdir.display(),
-            map = map.display()
+            fail = fail("lvchange"),
         ),
     );
-    stub(bin, "nvme", &format!("echo \"nvme $*\" >> '{log}'"));
+    stub(
+        bin,
+        "vgs",
+        &format!(
+            r#"echo "vgs $*" >> '{q}'
+sep=; printf '{{"report":[{{"vg":['
+for d in '{map_s}'/*/; do
+  [ -d "$d" ] || continue
+  vg=$(basename "$d"); printf '%s{{"vg_name":"%s"}}' "$sep" "$vg"; sep=,
+done
+printf ']}}]}}\n'"#
+        ),
+    );
+    stub(
+        bin,
+        "lvs",
+        &format!(
+            r#"echo "lvs $*" >> '{q}'
+sep=; printf '{{"report":[{{"lv":['
+for f in '{map_s}'/*/*; do
+  [ -f "$f" ] || continue
+  lv=$(basename "$f"); vg=$(basename "$(dirname "$f")")
+  node='{dev_s}'/"${{vg//-/--}}-${{lv//-/--}}"
+  if [ -e "$node" ]; then attr=-wi-a-----; else attr=-wi-------; fi
+  printf '%s{{"vg_name":"%s","lv_name":"%s","lv_attr":"%s"}}' "$sep" "$vg" "$lv" "$attr"; sep=,
+done
+printf ']}}]}}\n'"#
+        ),
+    );
+    stub(
+        bin,
+        "nvme",
+        &format!(
+            r#"echo "nvme $*" >> '{log}'
+d='{map_s}/.nvme'
+case "$1" in
+  ns-rescan) [ -x "$d/on-rescan" ] && "$d/on-rescan" ;;
+  list)
+    n=$(( $(cat "$d/list-count" 2>/dev/null || echo 0) + 1 )); echo "$n" > "$d/list-count"
+    f="$d/list-$n.json"; [ -f "$f" ] || f="$d/list.json"
+    if [ -f "$f" ]; then cat "$f"; else echo '{{"Devices":[]}}'; fi ;;
+esac
+exit 0"#
+        ),
+    );
+}
+
+/// `nvme list -v --output-format=json` output showing these `(NQN, NSID)`
+/// namespaces.
+pub fn nvme_list_json(namespaces: &[(&str, u32)]) -> String {
+    let devices: Vec<serde_json::Value> = namespaces
+        .iter()
+        .map(|(nqn, nsid)| {
+            serde_json::json!({"SubsystemNQN": nqn, "Controllers": [{"Namespaces": [
+                {"NameSpace": format!("nvme0n{nsid}"), "NSID": nsid}]}]})
+        })
+        .collect();
+    serde_json::json!({ "Devices": devices }).to_string()
 }
 
 /// Tell the lvchange stand-in which device `<vg>/<lv>` is.
