@@ -453,6 +453,14 @@ fn main() -> ExitCode {
         device_dir: cli.device_dir,
         shutdown: AtomicBool::new(false),
     });
+    tracing::debug!(
+        device_dir = %cfg.device_dir.display(),
+        device_wait = ?cfg.device_wait,
+        vg_wait = ?cfg.vg_wait,
+        nvme_dir = %cfg.nvme_dir.display(),
+        level = %level,
+        "configuration"
+    );
     if cfg.mock {
         tracing::warn!(
             "--mock: ClientMounts are reported ready; nothing is mounted and no command runs"

@@ -104,6 +104,29 @@ pub struct Mount {
     pub source: String,
 }
 
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let oct = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], oct) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Every mount at `path` (stacked mounts give several).
 pub fn mounts_at(path: &Path) -> Vec<Mount> {
     let text = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
@@ -113,7 +136,7 @@ pub fn mounts_at(path: &Path) -> Vec<Mount> {
             let (left, right) = l.split_once(" - ")?;
             let f: Vec<&str> = left.split(' ').collect();
             let r: Vec<&str> = right.split(' ').collect();
-            if f.get(4)? != &path {
+            if unescape_mountinfo(f.get(4)?) != path {
                 return None;
             }
             let (ma, mi) = f.get(2)?.split_once(':')?;
@@ -289,6 +312,12 @@ impl Daemon {
     /// `--spec-dir`: the Kubernetes mode). The Kubernetes environment
     /// variables of the test process are removed so only the flags count.
     pub fn spawn(bin: &Path, log: &Path, args: &[String]) -> Daemon {
+        Daemon::spawn_env(bin, log, args, &[])
+    }
+
+    /// [`Daemon::spawn`] with these environment variables set (the
+    /// `NNF_*` variables of the test process are removed first).
+    pub fn spawn_env(bin: &Path, log: &Path, args: &[String], envs: &[(&str, &str)]) -> Daemon {
         let path = format!(
             "{}:{}",
             bin.display(),
@@ -308,6 +337,9 @@ impl Daemon {
             .env_remove("DWS_CLIENT_MOUNT_SERVICE_CERT_FILE")
             .env_remove("KUBECONFIG")
             .env_remove("RUST_LOG")
+            .env_remove("NNF_COMMAND_TIMEOUT_SECONDS")
+            .env_remove("NNF_MAPPER_WAIT_TIMEOUT")
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
