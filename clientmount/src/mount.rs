@@ -126,6 +126,19 @@ fn describe(e: &MountEntry) -> String {
     )
 }
 
+/// Whether anything is mounted at `path` (an absolute path); `true` when
+/// the mount table cannot be read, so that nothing is assumed unmounted.
+pub fn anything_mounted_at(path: &str) -> bool {
+    let path = Path::new(path);
+    if !path.is_absolute() {
+        return false;
+    }
+    match mountinfo::read() {
+        Ok(entries) => mountinfo::mount_at(&entries, &canonical(path)).is_some(),
+        Err(_) => true,
+    }
+}
+
 pub fn check(plan: &EntryPlan) -> Result<Present, StepError> {
     let entries = mountinfo::read().map_err(|e| fail("could not read mount table", e))?;
     let path = canonical(&plan.mount_path);

@@ -8,7 +8,7 @@ use nnf_api::{
 };
 use tracing::{info, warn};
 
-use crate::mount::{Config, Runner, StepError};
+use crate::mount::{anything_mounted_at, Config, Runner, StepError};
 use crate::nvme;
 use crate::plan::{self, internal_error, user_error};
 
@@ -127,7 +127,25 @@ pub fn reconcile(cm: &ClientMount, ctx: &Ctx) -> Outcome {
     let mut interrupted = false;
     for (i, entry) in status.mounts.iter_mut().enumerate() {
         let was_ready = prior.get(i).copied().unwrap_or(false);
-        let result = plan::build(cm, i, profile, &ctx.cfg.device_dir).and_then(|plan| {
+        let built = match plan::build(cm, i, profile, &ctx.cfg.device_dir) {
+            // No command can be built for this entry (a refused value, a
+            // missing name), so none ever ran for it with this spec: when
+            // nothing is mounted at its path it is unmounted, and a
+            // deletion need not wait for an administrator.
+            Err(e)
+                if desired == ClientMountState::Unmounted
+                    && fatal(&e)
+                    && !anything_mounted_at(&cm.spec.mounts[i].mount_path) =>
+            {
+                warn!(index = i, error = %e.debug_message, "no usable commands, but nothing is mounted at the path: unmounted");
+                Ok(None)
+            }
+            other => other.map(Some),
+        };
+        let result = built.and_then(|plan| {
+            let Some(plan) = plan else {
+                return Ok(());
+            };
             let r = match desired {
                 ClientMountState::Mounted => runner.mount(&plan, was_ready, ctx.servers),
                 ClientMountState::Unmounted => runner.unmount(&plan, was_ready),

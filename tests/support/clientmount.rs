@@ -423,6 +423,23 @@ pub fn wait_status(
     }
 }
 
+/// Wait until the daemon's log has not changed for 1.5 s (the reconciles
+/// its own status writes start are over).
+pub fn settle(daemon: &Daemon) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = (daemon.log_text(), Instant::now());
+    while last.1.elapsed() < Duration::from_millis(1500) {
+        if Instant::now() > deadline {
+            panic!("daemon did not settle; log:\n{}", daemon.log_text());
+        }
+        sleep(Duration::from_millis(100));
+        let now = daemon.log_text();
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+    }
+}
+
 /// Poll until `cond` holds, panicking with `what` and the daemon log.
 pub fn wait_until(daemon: &Daemon, timeout: Duration, what: &str, cond: impl Fn() -> bool) {
     let deadline = Instant::now() + timeout;
