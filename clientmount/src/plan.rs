@@ -570,12 +570,11 @@ mod tests {
     /// The command every variable of `names` expands to, as `NAME=value`
     /// words, for an entry of type `ty`.
     fn expand_all(ty: &str, names: &[&str], overrides: serde_json::Value) -> Vec<String> {
-        let mut labels = serde_json::json!({
+        let labels = serde_json::json!({
             "nnf.cray.hpe.com/target_owner_uid": "own",
             "nnf.cray.hpe.com/target_directive_index": "1",
             "nnf.cray.hpe.com/job_id": "j77",
             "dataworkflowservices.github.io/workflow.uid": "wf-uid"});
-        labels["x"] = serde_json::json!("y");
         let device = if ty == "lustre" {
             serde_json::json!({"type": "lustre", "lustre": {"fileSystemName": "fsx", "mgsAddresses": "10.0.0.1@tcp"},
                 "deviceReference": {"objectReference": {"name": "nns", "namespace": "rabbit-1"}, "data": 3}})

@@ -277,7 +277,7 @@ enum Seg {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ctx {
-    /// Plain shell words; `parens` counts `(` opened inside `$(...)`.
+    /// Plain shell words (the top level, or inside `$(...)`).
     Unquoted,
     Single,
     Double,
