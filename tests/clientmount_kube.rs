@@ -43,7 +43,7 @@ impl World {
             .prefix("clientmountd-kube-")
             .tempdir()
             .expect("tempdir");
-        for d in ["bin", "mapper", "map", "mnt"] {
+        for d in ["bin", "mapper", "map", "mnt", "nvme"] {
             fs::create_dir_all(tmp.path().join(d)).unwrap();
         }
         let w = World {
@@ -84,6 +84,8 @@ impl World {
             self.p("mapper").to_str().unwrap(),
             "--device-wait",
             "5s",
+            "--nvme-dir",
+            self.p("nvme").to_str().unwrap(),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -743,4 +745,299 @@ fn bench_clientmount_kube() {
         !spec.join("idle.status.json").exists()
     });
     sd.stop();
+}
+
+/// The pinned profile with `section` as its xfsStorage (the block
+/// commands of [`profile`] unless `section` brings its own) and `pinned`.
+fn profile_with(section: Value, pinned: bool) -> Value {
+    let mut p = profile();
+    for (k, v) in section.as_object().unwrap() {
+        p["data"]["xfsStorage"][k] = v.clone();
+    }
+    p["data"]["pinned"] = json!(pinned);
+    p
+}
+
+/// Nothing more is run for a ClientMount after it is gone: its commands
+/// log stays as it is for 3 s (a stale copy would deactivate again).
+fn assert_never_again(w: &World, d: &Daemon) {
+    let settled = w.commands();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        assert_eq!(
+            w.commands(),
+            settled,
+            "ran again after the finalizer went; log:\n{}",
+            d.log_text()
+        );
+        sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn hostile_mount_path_is_one_word_and_newline_refused() {
+    let w = World::new("khostile");
+    let dev = LoopDev::new(w.tmp.path(), "xfs", Some(&["mkfs.xfs", "-q"]));
+    let p = w.p("pwned");
+    let p = p.display();
+    let mnt = w.p(&format!("mnt/a b;touch {p}1;$(touch {p}2)`touch {p}3`'\"x"));
+    let mut guard = MountGuard::default();
+    guard.watch(&mnt);
+    map_lv(&w.p("map"), "vg", "lv", &dev.dev);
+    let hooks = w.p("hooks.log");
+    w.server.put_object(profile_with(
+        json!({"fileSystemCommands": {"computeCommands": {
+            "mount": "$DEVICE $MOUNT_PATH", "unmount": "$MOUNT_PATH",
+            "userCommands": {"postMount": [format!("printf '%s\\n' $MOUNT_PATH >> {}", hooks.display())]}}}}),
+        true,
+    ));
+    w.put_cm("cm", "mounted", json!([xfs_mount(&mnt, "vg", "lv", None)]));
+    let nl = w.p("mnt/new\nline");
+    w.put_cm("nl", "mounted", json!([xfs_mount(&nl, "vg", "lv", None)]));
+    let d = w.start();
+    w.wait_cm(&d, "cm", "allReady mounted", all_ready("mounted"));
+    let m = mounts_at(&mnt);
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert_eq!(m[0].fstype, "xfs");
+    assert_eq!(read_lines(&hooks), vec![mnt.display().to_string()]);
+    let o = w.wait_cm(&d, "nl", "refusal", |o| o["status"].get("error").is_some());
+    let e = &o["status"]["error"];
+    assert_eq!(e["type"], json!("User"), "{o:#}");
+    assert_eq!(e["severity"], json!("Fatal"), "{o:#}");
+    assert!(
+        e["userMessage"].as_str().unwrap().contains("$MOUNT_PATH"),
+        "{o:#}"
+    );
+    assert!(!nl.exists());
+    w.server.delete_object(CM, &w.node, "cm").unwrap();
+    w.server.delete_object(CM, &w.node, "nl").unwrap();
+    assert!(w.server.wait_gone(CM, &w.node, "cm", T), "{}", d.log_text());
+    assert!(w.server.wait_gone(CM, &w.node, "nl", T), "{}", d.log_text());
+    assert!(mount_at(&mnt).is_none());
+    for n in 1..=3 {
+        assert!(!w.p(&format!("pwned{n}")).exists(), "injected command ran");
+    }
+    assert_clean_requests(&w.server);
+}
+
+/// An LVM teardown scenario in Kubernetes mode (see the spec-dir test of
+/// the same name): ends with the mount removed, the finalizer gone and
+/// nothing run again afterwards. Returns the commands the deletion ran.
+fn lvm_teardown(node: &str, mount_first: bool, setup: impl FnOnce(&World, &Path)) -> Vec<String> {
+    let w = World::new(node);
+    let dev = LoopDev::new(w.tmp.path(), "xfs", Some(&["mkfs.xfs", "-q"]));
+    let mnt = w.p("mnt/x");
+    let mut guard = MountGuard::default();
+    guard.watch(&mnt);
+    if mount_first {
+        map_lv(&w.p("map"), "vg", "lv-0", &dev.dev);
+    }
+    let hooks = w.p("hooks.log");
+    w.server.put_object(profile_with(
+        json!({"blockDeviceCommands": {"sharedVg": true, "computeCommands": {
+            "lvChange": {"activate": "--activate y $VG_NAME/$LV_NAME",
+                         "deactivate": "--activate n $VG_NAME/$LV_NAME"},
+            "vgChange": {"lockStart": "--lock-start $VG_NAME", "lockStop": "--lock-stop $VG_NAME"},
+            "userCommands": {"postDeactivate": [format!("echo postdeactivate >> {}", hooks.display())]}}}}),
+        true,
+    ));
+    w.put_cm(
+        "cm",
+        "mounted",
+        json!([xfs_mount(&mnt, "vg", "lv-0", None)]),
+    );
+    let d = w.start();
+    if mount_first {
+        w.wait_cm(&d, "cm", "allReady mounted", all_ready("mounted"));
+    } else {
+        w.wait_cm(&d, "cm", "activation error", |o| {
+            o["status"]["error"]["debugMessage"]
+                .as_str()
+                .is_some_and(|m| m.contains("could not find logical volume"))
+        });
+    }
+    settle(&d);
+    setup(&w, &mnt);
+    let before = w.commands().len();
+    w.server.delete_object(CM, &w.node, "cm").unwrap();
+    assert!(w.server.wait_gone(CM, &w.node, "cm", T), "{}", d.log_text());
+    assert!(mount_at(&mnt).is_none());
+    assert!(!mnt.exists(), "mount point left behind");
+    assert_never_again(&w, &d);
+    assert_eq!(
+        read_lines(&hooks),
+        vec!["postdeactivate"],
+        "{}",
+        d.log_text()
+    );
+    assert_clean_requests(&w.server);
+    w.commands()[before..].to_vec()
+}
+
+#[test]
+fn lvm_teardown_vg_never_appeared() {
+    let ran = lvm_teardown("klvm1", false, |_, _| {});
+    assert!(ran.is_empty(), "{ran:?}");
+}
+
+#[test]
+fn lvm_teardown_lv_already_inactive() {
+    let ran = lvm_teardown("klvm2", true, |w, mnt| {
+        assert!(Command::new("umount").arg(mnt).status().unwrap().success());
+        fs::remove_file(w.p("mapper/vg-lv--0")).unwrap();
+    });
+    assert_eq!(ran, vec!["vgchange --lock-stop vg".to_string()]);
+}
+
+#[test]
+fn lvm_teardown_another_lv_still_active() {
+    let ran = lvm_teardown("klvm3", true, |w, _| {
+        map_lv(&w.p("map"), "vg", "lv-1", Path::new("/dev/null"));
+        std::os::unix::fs::symlink("/dev/null", w.p("mapper/vg-lv--1")).unwrap();
+    });
+    assert_eq!(ran, vec!["lvchange --activate n vg/lv-0".to_string()]);
+}
+
+#[test]
+fn lvm_teardown_lvmlockd_not_running() {
+    let ran = lvm_teardown("klvm4", true, |w, _| {
+        fs::write(
+            w.p("map/.fail-vgchange"),
+            "  WARNING: lvmlockd process is not running.\n",
+        )
+        .unwrap();
+    });
+    assert_eq!(
+        ran,
+        vec![
+            "lvchange --activate n vg/lv-0".to_string(),
+            "vgchange --lock-stop vg".to_string()
+        ]
+    );
+}
+
+#[test]
+fn nvme_rescan_quick_retry_and_rescan_on_deletion() {
+    let w = World::new("knvme");
+    let dev = LoopDev::new(w.tmp.path(), "xfs", Some(&["mkfs.xfs", "-q"]));
+    let mnt = w.p("mnt/x");
+    let mut guard = MountGuard::default();
+    guard.watch(&mnt);
+    for c in ["nvme0", "nvme1"] {
+        fs::write(w.p("nvme").join(c), "").unwrap();
+    }
+    fs::write(
+        w.p("map/.nvme/list.json"),
+        nvme_list_json(&[("nqn.rabbit-a", 3)]),
+    )
+    .unwrap();
+    let map = w.p("map");
+    let hook = map.join(".nvme/on-rescan");
+    fs::write(
+        &hook,
+        format!(
+            "#!/bin/bash\nmkdir -p '{m}/vg'; echo -n '{d}' > '{m}/vg/lv'\n",
+            m = map.display(),
+            d = dev.dev.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    w.put_profile();
+    let mut m = xfs_mount(&mnt, "vg", "lv", None);
+    m["device"]["lvm"]["nvmeInfo"] =
+        json!([{"deviceSerial": "nqn.rabbit-a", "namespaceID": "3", "namespaceGUID": "g"}]);
+    w.put_cm("cm", "mounted", json!([m]));
+    let d = w.start();
+    w.wait_cm(&d, "cm", "allReady mounted", all_ready("mounted"));
+    let nv = w.p("nvme");
+    let rescans = vec![
+        format!("nvme ns-rescan {}/nvme0", nv.display()),
+        format!("nvme ns-rescan {}/nvme1", nv.display()),
+        "nvme list -v --output-format=json".to_string(),
+    ];
+    let mut want = rescans.clone();
+    want.extend([
+        "vgchange --lock-start vg".to_string(),
+        "lvchange --activate y vg/lv".to_string(),
+    ]);
+    assert_eq!(w.commands(), want);
+    assert!(d.log_text().contains("will retry soon"), "{}", d.log_text());
+    let before = w.commands().len();
+    w.server.delete_object(CM, &w.node, "cm").unwrap();
+    assert!(w.server.wait_gone(CM, &w.node, "cm", T), "{}", d.log_text());
+    let mut want = vec![
+        "lvchange --activate n vg/lv".to_string(),
+        "vgchange --lock-stop vg".to_string(),
+    ];
+    want.extend(rescans);
+    assert_eq!(w.commands()[before..].to_vec(), want);
+    assert!(d
+        .log_text()
+        .contains("NVMe namespaces still present after removal"));
+    assert_never_again(&w, &d);
+}
+
+#[test]
+fn fatal_errors_are_retried_on_the_slow_backoff() {
+    let w = World::new("kfatal");
+    let dev = LoopDev::new(w.tmp.path(), "xfs", Some(&["mkfs.xfs", "-q"]));
+    let mnt = w.p("mnt/x");
+    let mut guard = MountGuard::default();
+    guard.watch(&mnt);
+    map_lv(&w.p("map"), "vg", "lv", &dev.dev);
+    w.server.put_object(profile_with(json!({}), false));
+    w.put_cm("cm", "mounted", json!([xfs_mount(&mnt, "vg", "lv", None)]));
+    let d = w.start();
+    let o = w.wait_cm(&d, "cm", "unpinned profile error", |o| {
+        o["status"]["error"]["severity"] == json!("Fatal")
+    });
+    assert!(
+        o["status"]["error"]["debugMessage"]
+            .as_str()
+            .unwrap()
+            .contains("pinned"),
+        "{o:#}"
+    );
+    // The daemon watches ClientMounts only: fixing the profile reaches it
+    // through the slow retry, not through an event.
+    w.server
+        .modify_object("NnfStorageProfile", "nnf-system", "pinned-prof", |p| {
+            p["data"]["pinned"] = json!(true)
+        })
+        .unwrap()
+        .unwrap();
+    w.wait_cm(
+        &d,
+        "cm",
+        "allReady mounted after the fix",
+        all_ready("mounted"),
+    );
+    assert!(mount_at(&mnt).is_some());
+    assert!(
+        d.log_text().contains("will retry on the slow backoff"),
+        "{}",
+        d.log_text()
+    );
+    w.server.delete_object(CM, &w.node, "cm").unwrap();
+    assert!(w.server.wait_gone(CM, &w.node, "cm", T), "{}", d.log_text());
+}
+
+#[test]
+fn mock_reports_ready_with_the_finalizer_and_runs_nothing() {
+    let w = World::new("kmock");
+    let mnt = w.p("mnt/x");
+    w.put_profile();
+    w.put_cm("cm", "mounted", json!([xfs_mount(&mnt, "vg", "lv", None)]));
+    let mut args = w.args();
+    args.push("--mock".into());
+    let d = Daemon::spawn(&w.bin(), &w.p("daemon.log"), &args);
+    let o = w.wait_cm(&d, "cm", "allReady mounted", all_ready("mounted"));
+    assert!(has_finalizer(&o));
+    w.server.delete_object(CM, &w.node, "cm").unwrap();
+    assert!(w.server.wait_gone(CM, &w.node, "cm", T), "{}", d.log_text());
+    assert!(w.commands().is_empty(), "{:?}", w.commands());
+    assert!(read_lines(&w.cmdlog().with_extension("queries")).is_empty());
+    assert!(!mnt.exists());
+    assert_clean_requests(&w.server);
 }

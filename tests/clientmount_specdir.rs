@@ -25,7 +25,7 @@ impl World {
             .prefix("clientmountd-test-")
             .tempdir()
             .expect("tempdir");
-        for d in ["spec", "bin", "mapper", "map", "mnt"] {
+        for d in ["spec", "bin", "mapper", "map", "mnt", "nvme"] {
             fs::create_dir_all(tmp.path().join(d)).unwrap();
         }
         let w = World { tmp };
@@ -54,6 +54,8 @@ impl World {
                 self.p("mapper").to_str().unwrap(),
                 "--device-wait",
                 "5s",
+                "--nvme-dir",
+                self.p("nvme").to_str().unwrap(),
             ],
         )
     }
@@ -634,4 +636,620 @@ fn different_paths_mount_concurrently_same_path_never_overlaps() {
     // the first mount of the shared path had finished.
     let first_same_end = same.iter().map(|r| r.end).min().unwrap();
     assert!(par.iter().all(|r| r.start < first_same_end), "{runs:#?}");
+}
+
+/// `<dir>/<name>.json` gone and its status file removed: the spec-dir
+/// mode's finalizer is done.
+fn wait_finalized(w: &World, d: &Daemon, name: &str) {
+    let status = w.spec().join(format!("{name}.status.json"));
+    wait_until(d, T, &format!("{name} finalized"), || !status.exists());
+}
+
+fn delete(w: &World, name: &str) {
+    fs::remove_file(w.spec().join(format!("{name}.json"))).expect("remove ClientMount file");
+}
+
+#[test]
+fn hostile_clientmount_values_are_one_word_or_refused() {
+    let w = World::new();
+    let dev = LoopDev::new(w.tmp.path(), "xfs", Some(&["mkfs.xfs", "-q"]));
+    let pwned = w.p("pwned");
+    let p = pwned.display();
+    // Spaces, `;`, `$(...)`, backquotes and both quotes in one path: every
+    // one of them is a valid path character.
+    let mnt = w.p(&format!("mnt/a b;touch {p}1;$(touch {p}2)`touch {p}3`'\"x"));
+    let mut guard = MountGuard::default();
+    guard.watch(&mnt);
+    map_lv(&w.p("map"), "vg", "lv", &dev.dev);
+    let hooks = w.p("hooks.log");
+    w.put(
+        "profile",
+        &profile(json!({"xfsStorage": block_section(
+            json!({"postMount": [format!("printf '%s\\n' $MOUNT_PATH >> {}", hooks.display())],
+                   "preUnmount": [format!("echo \"job $JOBID\" >> {}", hooks.display())]}),
+            json!({}))})),
+    );
+    w.put(
+        "cm",
+        &clientmount("mounted", json!([lvm_mount(&mnt, "xfs", "vg", "lv", None)])),
+    );
+    let d = w.start();
+    wait_status(&w.spec(), "cm", &d, T, all_ready("mounted"));
+    // Mounted at exactly that path, the hook saw it as one word, and
+    // nothing in it ran.
+    let m = mounts_at(&mnt);
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert_eq!(m[0].fstype, "xfs");
+    assert_eq!(read_lines(&hooks), vec![mnt.display().to_string()]);
+    for n in 1..=3 {
+        assert!(!w.p(&format!("pwned{n}")).exists(), "injected command ran");
+    }
+
+    // A job id that would end the profile's double quotes: refused, with
+    // a status error naming the variable and where it came from, and no
+    // command of the entry runs.
+    let mut cm = clientmount(
+        "unmounted",
+        json!([lvm_mount(&mnt, "xfs", "vg", "lv", None)]),
+    );
+    cm["metadata"]["labels"]["nnf.cray.hpe.com/job_id"] = json!(format!("1\"; touch {p}4; \""));
+    let before = w.commands().len();
+    w.put("cm", &cm);
+    let st = wait_status(&w.spec(), "cm", &d, T, |s| s.get("error").is_some());
+    assert_eq!(st["error"]["type"], json!("User"), "{st}");
+    assert_eq!(st["error"]["severity"], json!("Fatal"), "{st}");
+    let user = st["error"]["userMessage"].as_str().unwrap();
+    assert!(user.contains("$JOBID"), "{st}");
+    let debug = st["error"]["debugMessage"].as_str().unwrap();
+    assert!(debug.contains("label nnf.cray.hpe.com/job_id"), "{st}");
+    assert!(!w.p("pwned4").exists());
+    assert_eq!(w.commands().len(), before, "{:?}", w.commands());
+    assert_eq!(mounts_at(&mnt).len(), 1, "must stay mounted");
+
+    // A newline is refused wherever it would go.
+    let nl = w.p("mnt/new\nline");
+    w.put(
+        "nl",
+        &clientmount("mounted", json!([lvm_mount(&nl, "xfs", "vg", "lv", None)])),
+    );
+    let st = wait_status(&w.spec(), "nl", &d, T, |s| s.get("error").is_some());
+    let debug = st["error"]["debugMessage"].as_str().unwrap();
+    assert!(
+        debug.contains("$MOUNT_PATH") && debug.contains("control character"),
+        "{st}"
+    );
+    assert!(!nl.exists());
+
+    // A clean job id again: unmounted through the same quoting.
+    w.put(
+        "cm",
+        &clientmount(
+            "unmounted",
+            json!([lvm_mount(&mnt, "xfs", "vg", "lv", None)]),
+        ),
+    );
+    wait_status(&w.spec(), "cm", &d, T, all_ready("unmounted"));
+    assert!(mount_at(&mnt).is_none());
+    assert_eq!(read_lines(&hooks)[1], "job 4242");
+}
+
+/// One of the LVM teardown scenarios: `setup` runs after the entry is
+/// mounted and before the ClientMount file is removed; the deletion must
+/// end with the mount gone and the finalizer (status file) removed.
+/// Returns the commands the deletion ran.
+fn lvm_teardown(mount_first: bool, setup: impl FnOnce(&World, &Path)) -> Vec<String> {
+    let w = World::new();
+    let dev = LoopDev::new(w.tmp.path(), "xfs", Some(&["mkfs.xfs", "-q"]));
+    let mnt = w.p("mnt/x");
+    let mut guard = MountGuard::default();
+    guard.watch(&mnt);
+    if mount_first {
+        map_lv(&w.p("map"), "vg", "lv-0", &dev.dev);
+    }
+    w.put(
+        "profile",
+        &profile(json!({"xfsStorage": block_section(json!({}), json!({}))})),
+    );
+    w.put(
+        "cm",
+        &clientmount(
+            "mounted",
+            json!([lvm_mount(&mnt, "xfs", "vg", "lv-0", None)]),
+        ),
+    );
+    let d = w.start();
+    if mount_first {
+        wait_status(&w.spec(), "cm", &d, T, all_ready("mounted"));
+        assert!(mount_at(&mnt).is_some());
+    } else {
+        let st = wait_status(&w.spec(), "cm", &d, T, |s| s.get("error").is_some());
+        assert!(
+            st["error"]["debugMessage"]
+                .as_str()
+                .unwrap()
+                .contains("could not find logical volume"),
+            "{st}"
+        );
+    }
+    setup(&w, &mnt);
+    let before = w.commands().len();
+    delete(&w, "cm");
+    wait_finalized(&w, &d, "cm");
+    assert!(mount_at(&mnt).is_none());
+    assert!(!mnt.exists(), "mount point left behind");
+    w.commands()[before..].to_vec()
+}
+
+#[test]
+fn lvm_teardown_vg_never_appeared() {
+    let ran = lvm_teardown(false, |_, _| {});
+    assert!(ran.is_empty(), "{ran:?}");
+}
+
+#[test]
+fn lvm_teardown_lv_already_inactive() {
+    let ran = lvm_teardown(true, |w, mnt| {
+        // A reboot: the mount and the activation are gone.
+        assert!(Command::new("umount").arg(mnt).status().unwrap().success());
+        fs::remove_file(w.p("mapper/vg-lv--0")).unwrap();
+    });
+    assert_eq!(ran, vec!["vgchange --lock-stop vg".to_string()]);
+}
+
+#[test]
+fn lvm_teardown_another_lv_still_active() {
+    let ran = lvm_teardown(true, |w, _| {
+        map_lv(&w.p("map"), "vg", "lv-1", Path::new("/dev/null"));
+        std::os::unix::fs::symlink("/dev/null", w.p("mapper/vg-lv--1")).unwrap();
+    });
+    assert_eq!(ran, vec!["lvchange --activate n vg/lv-0".to_string()]);
+}
+
+#[test]
+fn lvm_teardown_lvmlockd_not_running() {
+    let ran = lvm_teardown(true, |w, _| {
+        fs::write(
+            w.p("map/.fail-vgchange"),
+            "  WARNING: lvmlockd process is not running.\n  Reading without shared global lock.\n",
+        )
+        .unwrap();
+    });
+    assert_eq!(
+        ran,
+        vec![
+            "lvchange --activate n vg/lv-0".to_string(),
+            "vgchange --lock-stop vg".to_string()
+        ]
+    );
+}
+
+fn nvme_mount(path: &Path, vg: &str, lv: &str) -> Value {
+    let mut m = lvm_mount(path, "xfs", vg, lv, None);
+    m["device"]["lvm"]["nvmeInfo"] = json!([
+        {"deviceSerial": "nqn.rabbit-a", "namespaceID": "3", "namespaceGUID": "g3"},
+        {"deviceSerial": "nqn.rabbit-b", "namespaceID": "7", "namespaceGUID": "g7"}]);
+    m
+}
+
+/// Two NVMe controllers for the rescan, and the mount's namespaces shown
+/// by `nvme list` when `present`.
+fn nvme_setup(w: &World, present: bool) {
+    for c in ["nvme0", "nvme1", "nvme0n1"] {
+        fs::write(w.p("nvme").join(c), "").unwrap();
+    }
+    let list = if present {
+        nvme_list_json(&[("nqn.rabbit-a", 3), ("nqn.rabbit-b", 7), ("nqn.other", 1)])
+    } else {
+        nvme_list_json(&[("nqn.rabbit-a", 3)])
+    };
+    fs::write(w.p("map/.nvme/list.json"), list).unwrap();
+}
+
+#[test]
+fn nvme_rescan_on_failed_activation_quick_retry_and_on_deletion() {
+    let w = World::new();
+    let dev = LoopDev::new(w.tmp.path(), "xfs", Some(&["mkfs.xfs", "-q"]));
+    let mnt = w.p("mnt/x");
+    let mut guard = MountGuard::default();
+    guard.watch(&mnt);
+    nvme_setup(&w, true);
+    // The namespaces "arrive" with the rescan: the VG and LV appear.
+    let map = w.p("map");
+    fs::write(
+        map.join(".nvme/on-rescan"),
+        format!(
+            "#!/bin/bash\nmkdir -p '{m}/vg'; echo -n '{d}' > '{m}/vg/lv'\n",
+            m = map.display(),
+            d = dev.dev.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(
+        map.join(".nvme/on-rescan"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    w.put(
+        "profile",
+        &profile(json!({"xfsStorage": block_section(json!({}), json!({}))})),
+    );
+    w.put(
+        "cm",
+        &clientmount("mounted", json!([nvme_mount(&mnt, "vg", "lv")])),
+    );
+    let d = w.start();
+    wait_status(&w.spec(), "cm", &d, T, all_ready("mounted"));
+    assert!(mount_at(&mnt).is_some());
+    let nv = w.p("nvme");
+    assert_eq!(
+        w.commands(),
+        vec![
+            format!("nvme ns-rescan {}/nvme0", nv.display()),
+            format!("nvme ns-rescan {}/nvme1", nv.display()),
+            "nvme list -v --output-format=json".to_string(),
+            "vgchange --lock-start vg".to_string(),
+            "lvchange --activate y vg/lv".to_string(),
+        ]
+    );
+    let log = d.log_text();
+    assert!(
+        log.contains("quick retry") && log.contains("will retry soon"),
+        "{log}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("will retry") && !l.contains("will retry soon")),
+        "{log}"
+    );
+
+    // Deletion: unmount, deactivate, then rescan and report what lingers.
+    let before = w.commands().len();
+    delete(&w, "cm");
+    wait_finalized(&w, &d, "cm");
+    assert_eq!(
+        w.commands()[before..].to_vec(),
+        vec![
+            "lvchange --activate n vg/lv".to_string(),
+            "vgchange --lock-stop vg".to_string(),
+            format!("nvme ns-rescan {}/nvme0", nv.display()),
+            format!("nvme ns-rescan {}/nvme1", nv.display()),
+            "nvme list -v --output-format=json".to_string(),
+        ]
+    );
+    assert!(
+        d.log_text()
+            .contains("NVMe namespaces still present after removal"),
+        "{}",
+        d.log_text()
+    );
+}
+
+#[test]
+fn nvme_namespaces_missing_after_rescan_use_the_normal_backoff() {
+    let w = World::new();
+    nvme_setup(&w, false);
+    w.put(
+        "profile",
+        &profile(json!({"xfsStorage": block_section(json!({}), json!({}))})),
+    );
+    let mnt = w.p("mnt/x");
+    w.put(
+        "cm",
+        &clientmount("mounted", json!([nvme_mount(&mnt, "vg", "lv")])),
+    );
+    let d = w.start();
+    // Three attempts: 1 s, then 2 s of backoff, each answered by a rescan.
+    wait_until(&d, T, "third rescan", || {
+        w.commands()
+            .iter()
+            .filter(|c| c.ends_with("/nvme1"))
+            .count()
+            >= 3
+    });
+    let log = d.log_text();
+    assert!(log.contains("retry_in=1s"), "{log}");
+    assert!(log.contains("retry_in=2s"), "{log}");
+    assert!(!log.contains("will retry soon"), "{log}");
+    assert!(
+        log.contains("could not find expected NVMe namespace"),
+        "{log}"
+    );
+    let st = wait_status(&w.spec(), "cm", &d, T, |s| s.get("error").is_some());
+    assert_eq!(st["mounts"][0]["ready"], json!(false));
+}
+
+#[test]
+fn command_timeout_precedence_and_mapper_wait() {
+    let w = World::new();
+    let spec = w.spec();
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "--spec-dir",
+            spec.to_str().unwrap(),
+            "--node-name",
+            "testnode",
+            "--device-dir",
+            w.p("mapper").to_str().unwrap(),
+            "--nvme-dir",
+            w.p("nvme").to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    // The LV "activates" but its device never appears.
+    map_lv(&w.p("map"), "vg", "lv", &w.p("no-such-device"));
+    let slow = w.p("slow.log");
+    w.put(
+        "profile",
+        &profile(json!({"xfsStorage": block_section(
+            json!({"preMount": [format!("sleep 3; echo done >> {}", slow.display())]}),
+            json!({}))})),
+    );
+    let mnt = w.p("mnt/x");
+    w.put(
+        "cm",
+        &clientmount("mounted", json!([lvm_mount(&mnt, "xfs", "vg", "lv", None)])),
+    );
+
+    // NNF_MAPPER_WAIT_TIMEOUT sets the device wait...
+    let mut d = Daemon::spawn_env(
+        &w.bin(),
+        &w.p("d1.log"),
+        &args(&[]),
+        &[("NNF_MAPPER_WAIT_TIMEOUT", "1")],
+    );
+    let st = wait_status(&spec, "cm", &d, T, |s| s.get("error").is_some());
+    assert!(
+        st["error"]["debugMessage"]
+            .as_str()
+            .unwrap()
+            .contains("after 1s"),
+        "{st}"
+    );
+    assert!(
+        d.log_text().contains("command_timeout=none"),
+        "{}",
+        d.log_text()
+    );
+    d.stop();
+    fs::remove_file(spec.join("cm.status.json")).unwrap();
+    // ... and --device-wait wins over it.
+    let mut d = Daemon::spawn_env(
+        &w.bin(),
+        &w.p("d2.log"),
+        &args(&["--device-wait", "2s"]),
+        &[("NNF_MAPPER_WAIT_TIMEOUT", "1")],
+    );
+    let st = wait_status(&spec, "cm", &d, T, |s| s.get("error").is_some());
+    assert!(
+        st["error"]["debugMessage"]
+            .as_str()
+            .unwrap()
+            .contains("after 2s"),
+        "{st}"
+    );
+    d.stop();
+
+    // The device is there now: the slow PreMount hook decides.
+    let dev = LoopDev::new(w.tmp.path(), "xfs", Some(&["mkfs.xfs", "-q"]));
+    let mut guard = MountGuard::default();
+    guard.watch(&mnt);
+    map_lv(&w.p("map"), "vg", "lv", &dev.dev);
+    fs::remove_file(spec.join("cm.status.json")).unwrap();
+    // NNF_COMMAND_TIMEOUT_SECONDS kills it...
+    let mut d = Daemon::spawn_env(
+        &w.bin(),
+        &w.p("d3.log"),
+        &args(&[]),
+        &[("NNF_COMMAND_TIMEOUT_SECONDS", "1")],
+    );
+    let st = wait_status(&spec, "cm", &d, T, |s| s.get("error").is_some());
+    assert!(
+        st["error"]["debugMessage"]
+            .as_str()
+            .unwrap()
+            .contains("timed out after 1s"),
+        "{st}"
+    );
+    d.stop();
+    assert!(!slow.exists());
+    fs::remove_file(spec.join("cm.status.json")).unwrap();
+    // ... and --command-timeout overrides it.
+    let d = Daemon::spawn_env(
+        &w.bin(),
+        &w.p("d4.log"),
+        &args(&["--command-timeout", "20s"]),
+        &[("NNF_COMMAND_TIMEOUT_SECONDS", "1")],
+    );
+    wait_status(&spec, "cm", &d, T, all_ready("mounted"));
+    assert_eq!(read_lines(&slow), vec!["done"]);
+    drop(d);
+
+    // A malformed value is refused at start.
+    let out = Command::new(clientmountd_bin())
+        .args(args(&[]))
+        .env("NNF_COMMAND_TIMEOUT_SECONDS", "1m")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NNF_COMMAND_TIMEOUT_SECONDS"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn ownership_restored_and_hooks_after_restart_and_reboot() {
+    let w = World::new();
+    let dev = LoopDev::new(w.tmp.path(), "xfs", Some(&["mkfs.xfs", "-q"]));
+    let mnt = w.p("mnt/x");
+    let mut guard = MountGuard::default();
+    guard.watch(&mnt);
+    map_lv(&w.p("map"), "vg", "lv", &dev.dev);
+    let hooks = w.p("hooks.log");
+    w.put(
+        "profile",
+        &profile(json!({"xfsStorage": block_section(
+            json!({"postMount": [format!("echo postmount >> {}", hooks.display())]}), json!({}))})),
+    );
+    w.put(
+        "cm",
+        &clientmount(
+            "mounted",
+            json!([lvm_mount(&mnt, "xfs", "vg", "lv", Some((1234, 5678)))]),
+        ),
+    );
+    let mut d = w.start();
+    wait_status(&w.spec(), "cm", &d, T, all_ready("mounted"));
+    d.stop();
+    // Someone took the ownership away while the daemon was down.
+    std::os::unix::fs::chown(&mnt, Some(0), Some(0)).unwrap();
+    let mut d = w.start();
+    wait_until(&d, T, "ownership restored", || {
+        let md = fs::metadata(&mnt).unwrap();
+        (md.uid(), md.gid()) == (1234, 5678)
+    });
+    assert_eq!(
+        read_lines(&hooks).len(),
+        1,
+        "hooks ran again on a present mount"
+    );
+    d.stop();
+    // A reboot took the mount away: everything runs again, hooks too.
+    assert!(Command::new("umount").arg(&mnt).status().unwrap().success());
+    fs::remove_file(w.p("mapper/vg-lv")).unwrap();
+    let d = w.start();
+    wait_until(&d, T, "mounted again", || mount_at(&mnt).is_some());
+    wait_until(&d, T, "hook ran again", || read_lines(&hooks).len() == 2);
+    let md = fs::metadata(&mnt).unwrap();
+    assert_eq!((md.uid(), md.gid()), (1234, 5678));
+}
+
+#[test]
+fn profile_variables_end_to_end() {
+    let w = World::new();
+    let dev = LoopDev::new(w.tmp.path(), "xfs", Some(&["mkfs.xfs", "-q"]));
+    let mnt = w.p("mnt/vars");
+    let mut guard = MountGuard::default();
+    guard.watch(&mnt);
+    map_lv(&w.p("map"), "own_2_5", "lv", &dev.dev);
+    let log = w.p("vars.log");
+    let mut section = block_section(
+        json!({"postMount": [format!(
+            "echo $JOBID $DIRECTIVE_INDEX $WORKFLOW_UID $USERID:$GROUPID $LV_INDEX $DEVICE_NUM $DEVICE_NUM-1 $DEVICE_NUM-2 \
+             [$DEVICE_LIST] [$DEVICE1] $LV_SIZE $PERCENT_VG $TEMP_DIR $MOUNT_TARGET $FSTYPE $SITE '$UNKNOWN' >> {}",
+            log.display())]}),
+        json!({"$SITE": "site-$TAG", "$TAG": "$VG_NAME.$LV_NAME", "$PERCENT_VG": "50%VG"}),
+    );
+    section["blockDeviceCommands"]["sharedVg"] = json!(false);
+    w.put("profile", &profile(json!({"xfsStorage": section})));
+    let mut m = lvm_mount(&mnt, "xfs", "", "", Some((1001, 1002)));
+    m["device"] = json!({"type": "lvm", "lvm": {"deviceType": "nvme"},
+        "deviceReference": {"objectReference": {"name": "nns-x", "namespace": "rabbit-2"}, "data": 5}});
+    let mut cm = clientmount("mounted", json!([m]));
+    let labels = &mut cm["metadata"]["labels"];
+    labels["nnf.cray.hpe.com/target_owner_uid"] = json!("own");
+    labels["nnf.cray.hpe.com/target_directive_index"] = json!("2");
+    labels["dataworkflowservices.github.io/workflow.uid"] = json!("wf-77");
+    w.put("cm", &cm);
+    let d = w.start();
+    wait_status(&w.spec(), "cm", &d, T, all_ready("mounted"));
+    assert_eq!(
+        read_lines(&log),
+        vec![
+            "4242 2 wf-77 1001:1002 5 0 -1 -2 [] [] 0K 50%VG /mnt/temp/nns-x-5 directory xfs \
+             site-own_2_5.lv $UNKNOWN"
+                .replace("             ", "")
+        ]
+    );
+    assert_eq!(
+        w.commands(),
+        vec![
+            "vgchange --lock-start own_2_5".to_string(),
+            "lvchange --activate y own_2_5/lv".to_string(),
+        ]
+    );
+}
+
+#[test]
+fn mock_reports_ready_and_runs_nothing() {
+    let w = World::new();
+    let mnt = w.p("mnt/x");
+    w.put(
+        "profile",
+        &profile(json!({"xfsStorage": block_section(json!({}), json!({}))})),
+    );
+    w.put(
+        "cm",
+        &clientmount("mounted", json!([lvm_mount(&mnt, "xfs", "vg", "lv", None)])),
+    );
+    // Upstream's spelling: one dash.
+    let d = Daemon::start(&w.spec(), &w.bin(), &w.p("daemon.log"), &["-mock"]);
+    wait_status(&w.spec(), "cm", &d, T, all_ready("mounted"));
+    delete(&w, "cm");
+    wait_finalized(&w, &d, "cm");
+    assert!(w.commands().is_empty(), "{:?}", w.commands());
+    assert!(read_lines(&w.cmdlog().with_extension("queries")).is_empty());
+    assert!(!mnt.exists());
+}
+
+#[test]
+fn zap_logging_flags_and_unknown_flags() {
+    let w = World::new();
+    w.put("profile", &profile(json!({})));
+    let mut d = Daemon::start(
+        &w.spec(),
+        &w.bin(),
+        &w.p("json.log"),
+        &[
+            "--zap-encoder=json",
+            "--zap-log-level",
+            "debug",
+            "--zap-time-encoding",
+            "epoch",
+            "--zap-stacktrace-level=panic",
+        ],
+    );
+    wait_until(&d, T, "watching", || {
+        d.log_text().contains("watching spec directory")
+    });
+    d.stop();
+    let text = d.log_text();
+    let mut levels = Vec::new();
+    for line in text.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let ts = v["timestamp"].as_str().unwrap();
+        let (secs, frac) = ts.split_once('.').unwrap();
+        assert!(
+            secs.parse::<u64>().is_ok() && frac.parse::<u64>().is_ok(),
+            "{ts}"
+        );
+        levels.push(v["level"].as_str().unwrap().to_string());
+    }
+    assert!(levels.iter().any(|l| l == "DEBUG"), "{text}");
+    let mut d = Daemon::start(
+        &w.spec(),
+        &w.bin(),
+        &w.p("devel.log"),
+        &["--zap-devel=false", "--zap-log-level=error"],
+    );
+    d.stop();
+    assert!(!d.log_text().contains("INFO"), "{}", d.log_text());
+
+    for (bad, words) in [
+        ("--zap-nope", "unexpected argument '--zap-nope'"),
+        ("--zap-encoder=xml", "invalid value 'xml'"),
+        ("--zap-log-level=loud", "invalid log level"),
+    ] {
+        let out = Command::new(clientmountd_bin())
+            .args(["--spec-dir", w.spec().to_str().unwrap(), bad])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(words), "{bad}: {err}");
+    }
 }

@@ -1,4 +1,6 @@
-//! Running one external command line under `bash -c` with a timeout.
+//! Running one external command line under `bash -c`, with a timeout when
+//! one is configured (upstream nnf-sos `pkg/command/cmd.go` runs `bash -c`
+//! with no timeout unless `NNF_COMMAND_TIMEOUT_SECONDS` is set).
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
@@ -46,7 +48,7 @@ pub struct Output {
 /// everything it started, and so that a terminal's Ctrl-C aimed at the
 /// daemon does not interrupt a mount half way (the daemon finishes the
 /// command in flight on SIGTERM/SIGINT, then exits).
-pub fn run(cmdline: &str, timeout: Duration) -> Result<Output, ExecError> {
+pub fn run(cmdline: &str, timeout: Option<Duration>) -> Result<Output, ExecError> {
     let mut command = Command::new("bash");
     command
         .arg("-c")
@@ -81,9 +83,13 @@ pub fn run(cmdline: &str, timeout: Duration) -> Result<Output, ExecError> {
     let waiter = thread::spawn(move || {
         let _ = tx.send(child.wait());
     });
-    let (status, timed_out) = match rx.recv_timeout(timeout) {
+    let first = match timeout {
+        Some(t) => rx.recv_timeout(t).map_err(|_| ()),
+        None => rx.recv().map_err(|_| ()),
+    };
+    let (status, timed_out) = match first {
         Ok(status) => (status, false),
-        Err(_) => {
+        Err(()) => {
             // SAFETY: plain kill(2) on the child's process group.
             unsafe {
                 libc::kill(-pid, libc::SIGKILL);
@@ -105,7 +111,7 @@ pub fn run(cmdline: &str, timeout: Duration) -> Result<Output, ExecError> {
     if timed_out {
         return Err(ExecError::Timeout {
             cmd: cmdline.to_string(),
-            timeout,
+            timeout: timeout.unwrap_or_default(),
             stderr: err,
         });
     }
@@ -152,7 +158,7 @@ mod tests {
 
     #[test]
     fn captures_stderr_on_failure() {
-        let err = run("echo out; echo oops >&2; exit 3", Duration::from_secs(10)).unwrap_err();
+        let err = run("echo out; echo oops >&2; exit 3", None).unwrap_err();
         let text = err.to_string();
         assert!(text.contains("oops"), "{text}");
         assert!(text.contains("exit status: 3"), "{text}");
@@ -160,14 +166,14 @@ mod tests {
 
     #[test]
     fn success_output() {
-        let out = run("echo hi", Duration::from_secs(10)).unwrap();
+        let out = run("echo hi", Some(Duration::from_secs(10))).unwrap();
         assert_eq!(out.stdout, "hi\n");
     }
 
     #[test]
     fn timeout_kills_group() {
         let start = std::time::Instant::now();
-        let err = run("sleep 30 & sleep 30", Duration::from_millis(300)).unwrap_err();
+        let err = run("sleep 30 & sleep 30", Some(Duration::from_millis(300))).unwrap_err();
         assert!(matches!(err, ExecError::Timeout { .. }), "{err}");
         assert!(start.elapsed() < Duration::from_secs(5));
     }

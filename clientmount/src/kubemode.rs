@@ -33,7 +33,7 @@ use tracing::{debug, error, info, info_span, warn};
 use crate::mount::Config;
 use crate::plan::user_error;
 use crate::reconcile::{self, Ctx, Next};
-use crate::specdir::{backoff, pick_servers, PathLocks};
+use crate::specdir::{backoff, pick_servers, slow_backoff, PathLocks, QUICK_RETRY};
 
 /// Bound on every API call of a reconcile: kube has no read timeout by
 /// default, and a reconcile must not hang forever on a dead connection.
@@ -375,10 +375,11 @@ impl Shared {
         let out = reconcile::reconcile(&cm, &ctx);
 
         if deleting && out.next == Next::Done {
+            reconcile::after_deletion(&cm, &self.cfg);
             return match self.set_finalizer(&api, obj, false) {
                 Ok(_) => {
                     info!("unmounted; finalizer removed");
-                    Next::Done
+                    Next::Finalized
                 }
                 Err(e) => {
                     warn!(error = %e, "could not remove the finalizer");
@@ -421,8 +422,40 @@ enum Ev {
     /// A watch (re)listed namespace `.0`: these names exist now; others
     /// there are gone.
     Listed(String, HashSet<String>),
-    Done(Key, Next),
+    /// A reconcile ended; the UID of the object it worked on.
+    Done(Key, Next, Option<String>),
     Shutdown,
+}
+
+/// UIDs of objects whose finalizer we removed, newest last: events still
+/// queued for them (a stale copy in our store, a watch event that raced the
+/// deletion) must not start their deactivation again.
+#[derive(Default)]
+struct Tombstones {
+    order: std::collections::VecDeque<String>,
+    set: HashSet<String>,
+}
+
+impl Tombstones {
+    const CAP: usize = 4096;
+
+    fn add(&mut self, uid: String) {
+        if self.set.insert(uid.clone()) {
+            self.order.push_back(uid);
+            if self.order.len() > Self::CAP {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn has(&self, obj: &DynamicObject) -> bool {
+        obj.metadata
+            .uid
+            .as_ref()
+            .is_some_and(|u| self.set.contains(u))
+    }
 }
 
 /// One watch of a namespace, restarting with kube's default backoff after
@@ -474,7 +507,9 @@ struct Sched {
     running: HashSet<Key>,
     dirty: HashSet<Key>,
     failures: HashMap<Key, u32>,
+    slow_failures: HashMap<Key, u32>,
     retry_at: HashMap<Key, Instant>,
+    finalized: Tombstones,
 }
 
 /// Run the Kubernetes driver until SIGTERM/SIGINT. The connection settings
@@ -524,13 +559,18 @@ async fn run_async(
             s.dirty.insert(key.clone());
             return;
         }
-        s.running.insert(key.clone());
         let obj = s.store.get(key).cloned();
+        if obj.as_ref().is_some_and(|o| s.finalized.has(o)) {
+            debug!(clientmount = %format!("{}/{}", key.0, key.1), "already finalized: not reconciled again");
+            return;
+        }
+        s.running.insert(key.clone());
+        let uid = obj.as_ref().and_then(|o| o.metadata.uid.clone());
         let (shared, tx, key) = (shared.clone(), tx.clone(), key.clone());
         tokio::task::spawn_blocking(move || {
             let span = info_span!("clientmount", name = %format!("{}/{}", key.0, key.1));
             let next = span.in_scope(|| shared.work(&key, obj));
-            let _ = tx.send(Ev::Done(key, next));
+            let _ = tx.send(Ev::Done(key, next, uid));
         });
     };
 
@@ -575,9 +615,32 @@ async fn run_async(
                     }
                 }
             }
-            Ev::Done(key, next) => {
+            Ev::Done(key, next, uid) => {
                 s.running.remove(&key);
                 match next {
+                    Next::Finalized => {
+                        s.failures.remove(&key);
+                        s.slow_failures.remove(&key);
+                        if let Some(uid) = uid {
+                            s.finalized.add(uid);
+                        }
+                        if s.store.get(&key).is_some_and(|o| s.finalized.has(o)) {
+                            s.store.remove(&key);
+                        }
+                    }
+                    Next::RetrySoon => {
+                        s.failures.remove(&key);
+                        info!(clientmount = %format!("{}/{}", key.0, key.1), retry_in = ?QUICK_RETRY, "will retry soon");
+                        s.retry_at.insert(key.clone(), Instant::now() + QUICK_RETRY);
+                    }
+                    Next::Wait => {
+                        s.failures.remove(&key);
+                        let f = s.slow_failures.entry(key.clone()).or_insert(0);
+                        *f += 1;
+                        let delay = slow_backoff(*f);
+                        info!(clientmount = %format!("{}/{}", key.0, key.1), retry_in = ?delay, "will retry on the slow backoff");
+                        s.retry_at.insert(key.clone(), Instant::now() + delay);
+                    }
                     Next::Retry => {
                         let f = s.failures.entry(key.clone()).or_insert(0);
                         *f += 1;
@@ -586,8 +649,9 @@ async fn run_async(
                         s.retry_at.insert(key.clone(), Instant::now() + delay);
                     }
                     Next::Interrupted => {}
-                    Next::Done | Next::Wait => {
+                    Next::Done => {
                         s.failures.remove(&key);
+                        s.slow_failures.remove(&key);
                     }
                 }
                 if s.dirty.remove(&key) && !shutting_down {
@@ -597,12 +661,18 @@ async fn run_async(
             _ if shutting_down => {}
             Ev::Seen(key, obj) => {
                 match obj {
+                    Some(o) if s.finalized.has(&o) => {
+                        // A copy from before our finalizer removal.
+                        s.store.remove(&key);
+                        continue;
+                    }
                     Some(o) => {
                         s.store.insert(key.clone(), *o);
                     }
                     None => {
                         s.store.remove(&key);
                         s.failures.remove(&key);
+                        s.slow_failures.remove(&key);
                     }
                 }
                 kick(&mut s, &key);

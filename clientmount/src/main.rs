@@ -10,6 +10,7 @@ mod inotify;
 mod kubemode;
 mod mount;
 mod mountinfo;
+mod nvme;
 mod plan;
 mod reconcile;
 mod specdir;
@@ -54,22 +55,58 @@ struct Cli {
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
 
-    /// Timeout of each external command (e.g. `30s`, `1m`, `1m30s`).
-    #[arg(long, default_value = "1m", value_parser = parse_duration)]
-    command_timeout: Duration,
+    /// Timeout of each external command (e.g. `30s`, `1m`, `1m30s`; `0`:
+    /// none) [default: NNF_COMMAND_TIMEOUT_SECONDS, else none].
+    #[arg(long, value_parser = parse_timeout)]
+    command_timeout: Option<Duration>,
 
-    /// How long to wait for an activated block device to appear.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    device_wait: Duration,
+    /// How long to wait for an activated block device to appear
+    /// [default: NNF_MAPPER_WAIT_TIMEOUT seconds, else 10s].
+    #[arg(long, value_parser = parse_duration)]
+    device_wait: Option<Duration>,
+
+    /// Directory of the NVMe controller and namespace nodes that are
+    /// rescanned. Only tests and unusual setups change it.
+    #[arg(long, default_value = "/dev", value_name = "DIR")]
+    nvme_dir: PathBuf,
+
+    /// Report every ClientMount ready without mounting anything or running
+    /// any command (for test clusters).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_go_bool, value_name = "BOOL")]
+    mock: Option<bool>,
+
+    /// Upstream's logging flags (controller-runtime's zap options), mapped
+    /// onto ours: development mode means debug level.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_go_bool, value_name = "BOOL")]
+    zap_devel: Option<bool>,
+
+    /// `json` or `console` (= `--log-format json` / `text`).
+    #[arg(long, value_parser = ["json", "console"])]
+    zap_encoder: Option<String>,
+
+    /// `debug`, `info`, `error`, `panic`, or a verbosity N > 0 (1: debug,
+    /// 2 and more: trace).
+    #[arg(long, value_parser = parse_zap_level)]
+    zap_log_level: Option<String>,
+
+    /// `info`, `error` or `panic`: accepted for compatibility; no stack
+    /// traces are printed.
+    #[arg(long, value_parser = ["info", "error", "panic"])]
+    zap_stacktrace_level: Option<String>,
+
+    /// Time stamps: `epoch`, `millis`, `nano`, `iso8601`, `rfc3339` or
+    /// `rfc3339nano` (UTC).
+    #[arg(long, value_parser = ["epoch", "millis", "nano", "iso8601", "rfc3339", "rfc3339nano"])]
+    zap_time_encoding: Option<String>,
 
     /// Directory where activated logical volumes appear as `<vg>-<lv>`
     /// (hyphens in names doubled). Only tests and unusual setups change it.
     #[arg(long, default_value = "/dev/mapper", value_name = "DIR")]
     device_dir: PathBuf,
 
-    /// Log line format on stderr.
-    #[arg(long, value_enum, default_value = "text")]
-    log_format: LogFormat,
+    /// Log line format on stderr [default: text].
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
 
     /// Kubernetes API server host (Kubernetes mode).
     #[arg(long, env = "KUBERNETES_SERVICE_HOST")]
@@ -90,6 +127,94 @@ struct Cli {
     /// kubeconfig file (Kubernetes mode).
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
+}
+
+/// A `--command-timeout`: a duration, or `0` for none.
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    if text.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(text)
+}
+
+/// Go's `strconv.ParseBool`, as upstream's flags take booleans.
+fn parse_go_bool(text: &str) -> Result<bool, String> {
+    match text {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        _ => Err(format!("invalid boolean {text:?} (use true or false)")),
+    }
+}
+
+/// controller-runtime's `--zap-log-level`: a level name or a verbosity.
+fn parse_zap_level(text: &str) -> Result<String, String> {
+    match text {
+        "debug" | "info" | "error" | "panic" => Ok(text.to_string()),
+        n => match n.parse::<u32>() {
+            Ok(v) if v > 0 => Ok(n.to_string()),
+            _ => Err(format!(
+                "invalid log level {text:?} (use debug, info, error, panic or a number > 0)"
+            )),
+        },
+    }
+}
+
+/// Which timeout commands run with. Precedence: `--command-timeout`, then
+/// `NNF_COMMAND_TIMEOUT_SECONDS`, then none (upstream nnf-sos
+/// `pkg/command/cmd.go`; its `--command-timeout` is parsed but unused, ours
+/// is an explicit override). Zero means none.
+fn command_timeout(flag: Option<Duration>, env: Option<&str>) -> Result<Option<Duration>, String> {
+    let chosen = match (flag, env) {
+        (Some(d), _) => d,
+        (None, Some(text)) => match text.trim().parse::<u64>() {
+            Ok(secs) => Duration::from_secs(secs),
+            Err(_) => {
+                return Err(format!(
+                    "NNF_COMMAND_TIMEOUT_SECONDS={text:?} is not a whole number of seconds"
+                ))
+            }
+        },
+        (None, None) => Duration::ZERO,
+    };
+    Ok((!chosen.is_zero()).then_some(chosen))
+}
+
+/// `NNF_MAPPER_WAIT_TIMEOUT`: whole seconds > 0, else ignored (as upstream
+/// `waitForMapper` and `WaitForAppearance` do).
+fn mapper_wait(env: Option<&str>) -> Option<Duration> {
+    env.and_then(|t| t.trim().parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .map(Duration::from_secs)
+}
+
+/// Go's flag package also takes `-flag`: rewrite upstream's single-dash
+/// spellings of our long flags to `--flag`.
+fn double_dash(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let longs: Vec<String> = cmd
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_string))
+        .collect();
+    args.into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let Some(text) = a.to_str().filter(|_| i > 0) else {
+                return a;
+            };
+            match text.strip_prefix('-') {
+                Some(rest) if !rest.starts_with('-') => {
+                    let name = rest.split('=').next().unwrap_or(rest);
+                    if name.len() > 1 && longs.iter().any(|l| l == name) {
+                        format!("-{text}").into()
+                    } else {
+                        a
+                    }
+                }
+                _ => a,
+            }
+        })
+        .collect()
 }
 
 /// `30s`, `1m`, `1m30s`, `500ms`, `2h`; a bare number is seconds.
@@ -153,30 +278,142 @@ fn limit_malloc_arenas() {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Time stamps of log lines, `--zap-time-encoding` or tracing's default.
+#[derive(Debug, Clone, Copy)]
+enum TimeFormat {
+    Default,
+    Epoch,
+    Millis,
+    Nano,
+    Iso8601,
+    Rfc3339,
+    Rfc3339Nano,
+}
+
+/// Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+fn civil(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+impl TimeFormat {
+    fn render(self, since_epoch: Duration) -> String {
+        let secs = since_epoch.as_secs() as i64;
+        let nanos = since_epoch.subsec_nanos();
+        let date = || {
+            let (y, mo, d) = civil(secs.div_euclid(86_400));
+            let t = secs.rem_euclid(86_400);
+            format!(
+                "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}",
+                t / 3600,
+                t / 60 % 60,
+                t % 60
+            )
+        };
+        match self {
+            TimeFormat::Epoch => format!("{secs}.{nanos:09}"),
+            TimeFormat::Millis => format!("{}.{:06}", since_epoch.as_millis(), nanos % 1_000_000),
+            TimeFormat::Nano => since_epoch.as_nanos().to_string(),
+            TimeFormat::Iso8601 => format!("{}.{:03}Z", date(), nanos / 1_000_000),
+            TimeFormat::Rfc3339 => format!("{}Z", date()),
+            TimeFormat::Rfc3339Nano | TimeFormat::Default => format!("{}.{nanos:09}Z", date()),
+        }
+    }
+}
+
+impl tracing_subscriber::fmt::time::FormatTime for TimeFormat {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        if let TimeFormat::Default = self {
+            return tracing_subscriber::fmt::time::SystemTime.format_time(w);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        w.write_str(&self.render(now))
+    }
+}
+
+/// Our log settings from ours and upstream's flags. Precedence:
+/// `RUST_LOG` > `--zap-log-level` > `--zap-devel` (debug) > info, and
+/// `--log-format` > `--zap-encoder` > `--zap-devel=false` (json, zap's
+/// production encoder) > text.
+fn log_settings(cli: &Cli) -> (String, LogFormat, TimeFormat) {
+    let level = match cli.zap_log_level.as_deref() {
+        Some("debug") | Some("1") => "debug",
+        Some("info") => "info",
+        Some("error") | Some("panic") => "error",
+        Some(_) => "trace",
+        None if cli.zap_devel == Some(true) => "debug",
+        None => "info",
+    };
+    let format = match (cli.log_format, cli.zap_encoder.as_deref(), cli.zap_devel) {
+        (Some(f), _, _) => f,
+        (None, Some("json"), _) => LogFormat::Json,
+        (None, Some(_), _) => LogFormat::Text,
+        (None, None, Some(false)) => LogFormat::Json,
+        _ => LogFormat::Text,
+    };
+    let time = match cli.zap_time_encoding.as_deref() {
+        Some("epoch") => TimeFormat::Epoch,
+        Some("millis") => TimeFormat::Millis,
+        Some("nano") => TimeFormat::Nano,
+        Some("iso8601") => TimeFormat::Iso8601,
+        Some("rfc3339") => TimeFormat::Rfc3339,
+        Some("rfc3339nano") => TimeFormat::Rfc3339Nano,
+        _ => TimeFormat::Default,
+    };
+    (level.to_string(), format, time)
+}
+
+fn init_logging(level: &str, format: LogFormat, time: TimeFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(false)
-        .with_target(false);
+        .with_target(false)
+        .with_timer(time);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
 }
 
+fn describe_timeout(t: Option<Duration>) -> String {
+    t.map(|d| format!("{d:?}")).unwrap_or_else(|| "none".into())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(double_dash(std::env::args_os().collect()));
     if let Some(Cmd::Service(cmd)) = cli.cmd {
         return daemon_svc::execute::<Cli>(&daemon_svc::CLIENTMOUNTD, cmd);
     }
+    let env = |k: &str| std::env::var(k).ok();
+    let timeout = match command_timeout(
+        cli.command_timeout,
+        env("NNF_COMMAND_TIMEOUT_SECONDS").as_deref(),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("clientmountd: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mapper = mapper_wait(env("NNF_MAPPER_WAIT_TIMEOUT").as_deref());
     // Before any thread exists, so every thread inherits the mask and the
     // signals are only ever taken by the daemon's sigwait thread.
     specdir::block_signals();
     limit_malloc_arenas();
-    init_logging(cli.log_format);
+    let (level, format, time) = log_settings(&cli);
+    init_logging(&level, format, time);
 
     let conn = kube_connect::Connection {
         host: cli.kubernetes_service_host,
@@ -205,17 +442,36 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     let cfg = Arc::new(mount::Config {
-        command_timeout: cli.command_timeout,
-        device_wait: cli.device_wait,
+        command_timeout: timeout,
+        device_wait: cli
+            .device_wait
+            .or(mapper)
+            .unwrap_or(Duration::from_secs(10)),
+        vg_wait: mapper.unwrap_or(Duration::from_secs(1)),
+        nvme_dir: cli.nvme_dir,
+        mock: cli.mock.unwrap_or(false),
         device_dir: cli.device_dir,
         shutdown: AtomicBool::new(false),
     });
+    tracing::debug!(
+        device_dir = %cfg.device_dir.display(),
+        device_wait = ?cfg.device_wait,
+        vg_wait = ?cfg.vg_wait,
+        nvme_dir = %cfg.nvme_dir.display(),
+        level = %level,
+        "configuration"
+    );
+    if cfg.mock {
+        tracing::warn!(
+            "--mock: ClientMounts are reported ready; nothing is mounted and no command runs"
+        );
+    }
     let result = match cli.spec_dir {
         Some(spec_dir) => {
             tracing::info!(
                 node = %node,
                 version = env!("CARGO_PKG_VERSION"),
-                command_timeout = ?cfg.command_timeout,
+                command_timeout = %describe_timeout(cfg.command_timeout),
                 "clientmountd starting in spec-dir mode"
             );
             specdir::run(spec_dir, cfg, node)
@@ -224,7 +480,7 @@ fn main() -> ExitCode {
             tracing::info!(
                 node = %node,
                 version = env!("CARGO_PKG_VERSION"),
-                command_timeout = ?cfg.command_timeout,
+                command_timeout = %describe_timeout(cfg.command_timeout),
                 "clientmountd starting in Kubernetes mode"
             );
             kubemode::run(conn, cfg, node)
@@ -255,6 +511,77 @@ mod tests {
         assert!(parse_duration("").is_err());
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("0s").is_err());
+    }
+
+    #[test]
+    fn timeout_precedence() {
+        let s = Duration::from_secs;
+        assert_eq!(command_timeout(None, None), Ok(None));
+        assert_eq!(command_timeout(None, Some("30")), Ok(Some(s(30))));
+        assert_eq!(command_timeout(None, Some("0")), Ok(None));
+        assert_eq!(command_timeout(Some(s(5)), Some("30")), Ok(Some(s(5))));
+        assert_eq!(command_timeout(Some(Duration::ZERO), Some("30")), Ok(None));
+        assert!(command_timeout(None, Some("1m")).is_err());
+        assert_eq!(mapper_wait(Some("3")), Some(s(3)));
+        assert_eq!(mapper_wait(Some("0")), None);
+        assert_eq!(mapper_wait(Some("x")), None);
+        assert_eq!(mapper_wait(None), None);
+        assert_eq!(parse_timeout("0"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn upstream_flags() {
+        let parse = |args: &[&str]| {
+            let mut v = vec!["clientmountd".into()];
+            v.extend(args.iter().map(std::ffi::OsString::from));
+            Cli::try_parse_from(double_dash(v))
+        };
+        let cli = parse(&["-mock", "--zap-devel", "-zap-log-level=error"]).unwrap();
+        assert_eq!(cli.mock, Some(true));
+        assert_eq!(log_settings(&cli).0, "error");
+        let cli = parse(&["--mock=false", "--zap-devel=false"]).unwrap();
+        assert_eq!(cli.mock, Some(false));
+        assert!(matches!(log_settings(&cli), (l, LogFormat::Json, _) if l == "info"));
+        let cli = parse(&["--zap-devel", "--zap-encoder", "console"]).unwrap();
+        assert!(matches!(log_settings(&cli), (l, LogFormat::Text, _) if l == "debug"));
+        let cli = parse(&[
+            "--zap-log-level",
+            "3",
+            "--zap-encoder=json",
+            "--log-format",
+            "text",
+        ])
+        .unwrap();
+        assert!(matches!(log_settings(&cli), (l, LogFormat::Text, _) if l == "trace"));
+        assert!(parse(&["--zap-log-level", "loud"]).is_err());
+        assert!(parse(&["--zap-encoder", "xml"]).is_err());
+        assert!(parse(&["--zap-nope"]).is_err());
+        assert!(parse(&["--mock=maybe"]).is_err());
+        assert!(parse(&[
+            "--zap-stacktrace-level",
+            "panic",
+            "--zap-time-encoding",
+            "epoch"
+        ])
+        .is_ok());
+    }
+
+    #[test]
+    fn time_encodings() {
+        let t = Duration::new(1_700_000_000, 123_456_789);
+        assert_eq!(TimeFormat::Epoch.render(t), "1700000000.123456789");
+        assert_eq!(TimeFormat::Millis.render(t), "1700000000123.456789");
+        assert_eq!(TimeFormat::Nano.render(t), "1700000000123456789");
+        assert_eq!(TimeFormat::Iso8601.render(t), "2023-11-14T22:13:20.123Z");
+        assert_eq!(TimeFormat::Rfc3339.render(t), "2023-11-14T22:13:20Z");
+        assert_eq!(
+            TimeFormat::Rfc3339Nano.render(t),
+            "2023-11-14T22:13:20.123456789Z"
+        );
+        assert_eq!(
+            TimeFormat::Rfc3339.render(Duration::ZERO),
+            "1970-01-01T00:00:00Z"
+        );
     }
 
     #[test]

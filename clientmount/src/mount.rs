@@ -18,9 +18,16 @@ use crate::plan::{EntryPlan, Expected};
 /// Settings shared by every reconcile.
 #[derive(Debug)]
 pub struct Config {
-    pub command_timeout: Duration,
+    /// `None`: commands run until they end (upstream's default).
+    pub command_timeout: Option<Duration>,
     /// How long to wait for an activated block device to appear.
     pub device_wait: Duration,
+    /// How long lock start waits for the volume group to appear.
+    pub vg_wait: Duration,
+    /// Where the NVMe controllers (`nvme<N>`) and namespaces appear (`/dev`).
+    pub nvme_dir: PathBuf,
+    /// `--mock`: report every entry ready without running anything.
+    pub mock: bool,
     /// Where device-mapper nodes appear (`/dev/mapper`).
     pub device_dir: PathBuf,
     /// Set on SIGTERM: finish the command in flight, start no other.
@@ -31,6 +38,10 @@ pub struct Config {
 pub enum StepError {
     #[error("{user}: {debug}")]
     Failed { user: String, debug: String },
+    /// Lock start, LV activation or the wait for its device failed: the
+    /// NVMe namespaces may not be there yet.
+    #[error("{user}: {debug}")]
+    Activation { user: String, debug: String },
     #[error("interrupted by daemon shutdown")]
     Interrupted,
 }
@@ -40,6 +51,48 @@ fn fail(user: &str, debug: impl std::fmt::Display) -> StepError {
         user: user.to_string(),
         debug: format!("{user}: {debug}"),
     }
+}
+
+fn activation(e: StepError) -> StepError {
+    match e {
+        StepError::Failed { user, debug } => StepError::Activation { user, debug },
+        other => other,
+    }
+}
+
+/// `true` when `text` (an LVM command's output) says lvmlockd is not
+/// running: the lock space is then already stopped (upstream
+/// `VolumeGroup.LockStop` matches the same words).
+fn lvmlockd_not_running(text: &str) -> bool {
+    text.contains("lvmlockd process is not running")
+}
+
+/// One row of `lvs`: `(vg, lv, active)`.
+fn parse_lvs(text: &str) -> Result<Vec<(String, String, bool)>, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("could not parse `lvs` output: {e}"))?;
+    let mut out = Vec::new();
+    for report in v["report"].as_array().into_iter().flatten() {
+        for lv in report["lv"].as_array().into_iter().flatten() {
+            let s = |k: &str| lv[k].as_str().unwrap_or_default().to_string();
+            // The fifth attribute character is the state: `a` is active.
+            let active = s("lv_attr").as_bytes().get(4) == Some(&b'a');
+            out.push((s("vg_name"), s("lv_name"), active));
+        }
+    }
+    Ok(out)
+}
+
+fn parse_vgs(text: &str) -> Result<Vec<String>, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("could not parse `vgs` output: {e}"))?;
+    let mut out = Vec::new();
+    for report in v["report"].as_array().into_iter().flatten() {
+        for vg in report["vg"].as_array().into_iter().flatten() {
+            out.push(vg["vg_name"].as_str().unwrap_or_default().to_string());
+        }
+    }
+    Ok(out)
 }
 
 /// State of the mount path compared with what the plan expects.
@@ -71,6 +124,19 @@ fn describe(e: &MountEntry) -> String {
         "device {} ({}:{}) type {}",
         e.source, e.major, e.minor, e.fstype
     )
+}
+
+/// Whether anything is mounted at `path` (an absolute path); `true` when
+/// the mount table cannot be read, so that nothing is assumed unmounted.
+pub fn anything_mounted_at(path: &str) -> bool {
+    let path = Path::new(path);
+    if !path.is_absolute() {
+        return false;
+    }
+    match mountinfo::read() {
+        Ok(entries) => mountinfo::mount_at(&entries, &canonical(path)).is_some(),
+        Err(_) => true,
+    }
 }
 
 pub fn check(plan: &EntryPlan) -> Result<Present, StepError> {
@@ -135,11 +201,145 @@ impl Runner<'_> {
         Ok(())
     }
 
-    fn run_opt(&self, step: &str, cmdline: &Option<String>) -> Result<(), StepError> {
-        match cmdline {
-            Some(c) => self.run(step, c),
-            None => Ok(()),
+    /// A read-only query of the daemon's own (no profile text in it).
+    fn query(&self, what: &str, cmdline: &str) -> Result<String, StepError> {
+        self.guard()?;
+        debug!(command = cmdline, "querying");
+        exec::run(cmdline, self.cfg.command_timeout)
+            .map(|o| o.stdout)
+            .map_err(|e| fail(&format!("could not list {what}"), e))
+    }
+
+    /// Every LV the node knows (upstream `lvsListVolumes`, fewer columns).
+    fn lvs(&self) -> Result<Vec<(String, String, bool)>, StepError> {
+        let out = self.query(
+            "logical volumes",
+            "lvs --nolock --reportformat json -o vg_name,lv_name,lv_attr",
+        )?;
+        parse_lvs(&out).map_err(|e| fail("could not list logical volumes", e))
+    }
+
+    fn vg_exists(&self, vg: &str) -> Result<bool, StepError> {
+        let out = self.query(
+            "volume groups",
+            "vgs --nolock --reportformat json -o vg_name",
+        )?;
+        let vgs = parse_vgs(&out).map_err(|e| fail("could not list volume groups", e))?;
+        Ok(vgs.iter().any(|v| v == vg))
+    }
+
+    /// Wait briefly for the VG (upstream `WaitForAppearance`: 1 s unless
+    /// `NNF_MAPPER_WAIT_TIMEOUT`); a VG that does not come is the usual
+    /// "namespaces not attached yet", answered by a rescan and a retry.
+    fn wait_for_vg(&self, vg: &str) -> Result<bool, StepError> {
+        let deadline = Instant::now() + self.cfg.vg_wait;
+        loop {
+            if self.vg_exists(vg)? {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            // Only while an activation is in progress.
+            std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    fn lock_start(&self, plan: &EntryPlan) -> Result<(), StepError> {
+        let (Some(cmd), Some(lvm)) = (&plan.vg_lock_start, &plan.lvm) else {
+            return Ok(());
+        };
+        if self.wait_for_vg(&lvm.vg)? {
+            self.run("vgchange lock-start", cmd)
+        } else {
+            info!(vg = %lvm.vg, wait = ?self.cfg.vg_wait, "volume group did not appear: skipping lock start");
+            Ok(())
+        }
+    }
+
+    /// `lvchange --activate`: only when the LV exists and its activation
+    /// differs from `active` (upstream `LogicalVolume.Activate` and
+    /// `Deactivate`). A missing LV fails an activation and is nothing to do
+    /// for a deactivation.
+    fn lv_change(&self, plan: &EntryPlan, active: bool) -> Result<(), StepError> {
+        let cmd = if active {
+            &plan.lv_activate
+        } else {
+            &plan.lv_deactivate
+        };
+        let (Some(cmd), Some(lvm)) = (cmd, &plan.lvm) else {
+            return Ok(());
+        };
+        let lvs = self.lvs()?;
+        match lvs
+            .iter()
+            .find(|(vg, lv, _)| *vg == lvm.vg && *lv == lvm.lv)
+        {
+            None if active => Err(fail(
+                "could not find logical volume",
+                format!("{}/{} is not known to LVM", lvm.vg, lvm.lv),
+            )),
+            None => {
+                info!(vg = %lvm.vg, lv = %lvm.lv, "logical volume not found: nothing to deactivate");
+                Ok(())
+            }
+            Some((_, _, now)) if *now == active => {
+                info!(vg = %lvm.vg, lv = %lvm.lv, active, "logical volume already in that state");
+                Ok(())
+            }
+            Some(_) if active => self.run("lvchange activate", cmd),
+            Some(_) => self.run("lvchange deactivate", cmd),
+        }
+    }
+
+    /// Lock stop, skipped when the VG is gone or still has an active LV
+    /// (upstream `VolumeGroup.LockStop`); "lvmlockd process is not running"
+    /// means the lock space is already down.
+    fn lock_stop(&self, plan: &EntryPlan) -> Result<(), StepError> {
+        let (Some(cmd), Some(lvm)) = (&plan.vg_lock_stop, &plan.lvm) else {
+            return Ok(());
+        };
+        if !self.vg_exists(&lvm.vg)? {
+            info!(vg = %lvm.vg, "volume group not found: skipping lock stop");
+            return Ok(());
+        }
+        let lvs = self.lvs()?;
+        if let Some((_, lv, _)) = lvs.iter().find(|(vg, _, a)| *vg == lvm.vg && *a) {
+            info!(vg = %lvm.vg, active_lv = %lv, "a logical volume of the group is active: skipping lock stop");
+            return Ok(());
+        }
+        self.guard()?;
+        info!(
+            step = "vgchange lock-stop",
+            command = cmd.as_str(),
+            "running"
+        );
+        match exec::run(cmd, self.cfg.command_timeout) {
+            Ok(_) => Ok(()),
+            Err(e) if lvmlockd_not_running(&e.to_string()) => {
+                info!(vg = %lvm.vg, "lvmlockd is not running: the lock space is already stopped");
+                Ok(())
+            }
+            Err(e) => Err(fail("vgchange lock-stop failed", e)),
+        }
+    }
+
+    /// `chown` of the mount root when it differs (`setPermissions`).
+    fn set_owner(&self, plan: &EntryPlan) -> Result<(), StepError> {
+        let Some((uid, gid)) = plan.owner else {
+            return Ok(());
+        };
+        if let Ok(md) = fs::metadata(&plan.mount_path) {
+            if (md.uid(), md.gid()) == (uid, gid) {
+                return Ok(());
+            }
+        }
+        std::os::unix::fs::chown(&plan.mount_path, Some(uid), Some(gid)).map_err(|e| {
+            fail(
+                "unable to set owner and group for file system",
+                format!("{}: {e}", plan.mount_path.display()),
+            )
+        })
     }
 
     fn run_all(&self, step: &str, list: &[String]) -> Result<(), StepError> {
@@ -225,10 +425,10 @@ impl Runner<'_> {
 
     fn activate(&self, plan: &EntryPlan) -> Result<(), StepError> {
         self.run_all("PreActivate", &plan.pre_activate)?;
-        self.run_opt("vgchange lock-start", &plan.vg_lock_start)?;
-        self.run_opt("lvchange activate", &plan.lv_activate)?;
+        self.lock_start(plan).map_err(activation)?;
+        self.lv_change(plan, true).map_err(activation)?;
         if let Expected::Block { device } = &plan.expected {
-            self.wait_for_device(device)?;
+            self.wait_for_device(device).map_err(activation)?;
         }
         self.run_all("PostActivate", &plan.post_activate)
     }
@@ -243,6 +443,17 @@ impl Runner<'_> {
         servers: Option<&Servers>,
     ) -> Result<(), StepError> {
         if was_ready && check(plan)? == Present::Matches {
+            // Hooks stay skipped (they ran when it was mounted), but an
+            // ownership lost since (someone's chown, a restore) comes back.
+            let before = fs::metadata(&plan.mount_path)
+                .map(|m| (m.uid(), m.gid()))
+                .ok();
+            self.set_owner(plan)?;
+            if let (Some(b), Some(want)) = (before, plan.owner) {
+                if b != want {
+                    info!(path = %plan.mount_path.display(), uid = want.0, gid = want.1, "mount root had lost its owner: set again");
+                }
+            }
             return Ok(());
         }
         self.activate(plan)?;
@@ -307,8 +518,8 @@ impl Runner<'_> {
         }
         self.run_all("PostUnmount", &plan.post_unmount)?;
         self.run_all("PreDeactivate", &plan.pre_deactivate)?;
-        self.run_opt("lvchange deactivate", &plan.lv_deactivate)?;
-        self.run_opt("vgchange lock-stop", &plan.vg_lock_stop)?;
+        self.lv_change(plan, false)?;
+        self.lock_stop(plan)?;
         self.run_all("PostDeactivate", &plan.post_deactivate)
     }
 }
@@ -334,5 +545,31 @@ fn write_servers_file(plan: &EntryPlan, servers: Option<&Servers>) {
     };
     if let Err(e) = write() {
         warn!(path = %path.display(), error = %e, "could not write servers file");
+    }
+}
+
+#[cfg(test)]
+mod lvm_tests {
+    use super::*;
+
+    #[test]
+    fn lvm_reports() {
+        let lvs = r#"{"report":[{"lv":[{"vg_name":"vg1","lv_name":"lv","lv_attr":"-wi-a-----"},
+            {"vg_name":"vg1","lv_name":"lv2","lv_attr":"-wi-------"}]}]}"#;
+        assert_eq!(
+            parse_lvs(lvs).unwrap(),
+            vec![
+                ("vg1".into(), "lv".into(), true),
+                ("vg1".into(), "lv2".into(), false)
+            ]
+        );
+        assert_eq!(
+            parse_vgs(r#"{"report":[{"vg":[{"vg_name":"a"},{"vg_name":"b"}]}]}"#).unwrap(),
+            vec!["a", "b"]
+        );
+        assert!(parse_lvs("").is_err());
+        assert!(lvmlockd_not_running(
+            "  WARNING: lvmlockd process is not running.\n  Reading without shared global lock."
+        ));
     }
 }

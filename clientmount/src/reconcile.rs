@@ -3,12 +3,13 @@
 //! Servers object to the new status. The driver persists the status.
 
 use nnf_api::{
-    ClientMount, ClientMountInfoStatus, ClientMountState, ClientMountStatus, NnfStorageProfile,
-    ResourceError, ResourceErrorSeverity, Servers,
+    ClientMount, ClientMountDeviceType, ClientMountInfoStatus, ClientMountState, ClientMountStatus,
+    ClientMountType, NnfStorageProfile, ResourceError, ResourceErrorSeverity, Servers,
 };
 use tracing::{info, warn};
 
-use crate::mount::{Config, Runner, StepError};
+use crate::mount::{anything_mounted_at, Config, Runner, StepError};
+use crate::nvme;
 use crate::plan::{self, internal_error, user_error};
 
 /// What the driver should do next.
@@ -18,8 +19,15 @@ pub enum Next {
     Done,
     /// Failed; retry with backoff.
     Retry,
-    /// Failed in a way retrying cannot fix (bad spec); wait for a change.
+    /// An activation failed, and after an NVMe rescan every namespace of
+    /// the mount is there: retry in about a second, not on the backoff
+    /// (upstream `quickRetryDelay`).
+    RetrySoon,
+    /// Failed in a way retrying alone cannot fix (bad spec, unpinned
+    /// profile): retry on the slow backoff, or at once on a change.
     Wait,
+    /// The deleted object's finalizer is gone: never act on it again.
+    Finalized,
     /// Stopped early by shutdown; the status says what was done.
     Interrupted,
 }
@@ -96,13 +104,48 @@ pub fn reconcile(cm: &ClientMount, ctx: &Ctx) -> Outcome {
         }
     };
 
+    if ctx.cfg.mock {
+        // `--mock`: what upstream's flag promises, for test clusters.
+        for entry in status.mounts.iter_mut() {
+            entry.ready = true;
+        }
+        status.all_ready = true;
+        info!(
+            state = desired.as_str(),
+            "mock: reported ready, nothing run"
+        );
+        return Outcome {
+            status,
+            next: Next::Done,
+        };
+    }
+
     let runner = Runner { cfg: ctx.cfg };
+    let mut quick = false;
     let mut first: Option<ResourceError> = None;
     let mut retry = false;
     let mut interrupted = false;
     for (i, entry) in status.mounts.iter_mut().enumerate() {
         let was_ready = prior.get(i).copied().unwrap_or(false);
-        let result = plan::build(cm, i, profile, &ctx.cfg.device_dir).and_then(|plan| {
+        let built = match plan::build(cm, i, profile, &ctx.cfg.device_dir) {
+            // No command can be built for this entry (a refused value, a
+            // missing name), so none ever ran for it with this spec: when
+            // nothing is mounted at its path it is unmounted, and a
+            // deletion need not wait for an administrator.
+            Err(e)
+                if desired == ClientMountState::Unmounted
+                    && fatal(&e)
+                    && !anything_mounted_at(&cm.spec.mounts[i].mount_path) =>
+            {
+                warn!(index = i, error = %e.debug_message, "no usable commands, but nothing is mounted at the path: unmounted");
+                Ok(None)
+            }
+            other => other.map(Some),
+        };
+        let result = built.and_then(|plan| {
+            let Some(plan) = plan else {
+                return Ok(());
+            };
             let r = match desired {
                 ClientMountState::Mounted => runner.mount(&plan, was_ready, ctx.servers),
                 ClientMountState::Unmounted => runner.unmount(&plan, was_ready),
@@ -111,6 +154,21 @@ pub fn reconcile(cm: &ClientMount, ctx: &Ctx) -> Outcome {
                 StepError::Interrupted => {
                     interrupted = true;
                     internal_error("interrupted", "interrupted by daemon shutdown")
+                }
+                StepError::Activation { user, debug } => {
+                    // Upstream `changeMount`: a failed LVM activation is
+                    // answered by an NVMe rescan; when every namespace of
+                    // the mount is then present, retry soon.
+                    if cm.spec.mounts[i].device.device_type == ClientMountDeviceType::Lvm {
+                        let expected = plan.lvm.as_ref().map(|l| l.nvme.as_slice()).unwrap_or(&[]);
+                        if nvme::rescan_after_failed_activation(ctx.cfg, expected) {
+                            quick = true;
+                        }
+                    }
+                    internal_error(
+                        user,
+                        format!("mount of {} failed: {debug}", plan.mount_path.display()),
+                    )
                 }
                 StepError::Failed { user, debug } => {
                     let verb = match desired {
@@ -147,6 +205,9 @@ pub fn reconcile(cm: &ClientMount, ctx: &Ctx) -> Outcome {
         Next::Interrupted
     } else if first.is_none() {
         Next::Done
+    } else if retry && quick {
+        info!("NVMe namespaces present after a rescan: quick retry");
+        Next::RetrySoon
     } else if retry {
         Next::Retry
     } else {
@@ -154,4 +215,55 @@ pub fn reconcile(cm: &ClientMount, ctx: &Ctx) -> Outcome {
     };
     status.error = first;
     Outcome { status, next }
+}
+
+/// After every entry of a deleted ClientMount is unmounted, before its
+/// finalizer goes: rescan the NVMe controllers so that namespaces the Rabbit
+/// removed disappear (upstream `Reconcile`, deletion branch, for mounts that
+/// are not Lustre), and log the namespaces of the mount still present.
+/// Unlike upstream a failure here is only logged: it must not keep a
+/// Teardown waiting for a finalizer.
+pub fn after_deletion(cm: &ClientMount, cfg: &Config) {
+    if cfg.mock
+        || cm
+            .spec
+            .mounts
+            .iter()
+            .all(|m| m.mount_type == ClientMountType::Lustre)
+    {
+        return;
+    }
+    if let Err(e) = nvme::rescan(cfg) {
+        warn!(error = %e, "NVMe rescan after deletion failed");
+        return;
+    }
+    for m in &cm.spec.mounts {
+        if m.mount_type == ClientMountType::Lustre
+            || m.device.device_type != ClientMountDeviceType::Lvm
+        {
+            continue;
+        }
+        let Some(lvm) = m.device.lvm.as_ref().filter(|l| !l.nvme_info.is_empty()) else {
+            continue;
+        };
+        let expected: Vec<(String, String)> = lvm
+            .nvme_info
+            .iter()
+            .map(|n| (n.device_serial.clone(), n.namespace_id.clone()))
+            .collect();
+        match nvme::list(cfg) {
+            Ok(present) => {
+                let missing = nvme::missing(&expected, &present);
+                let stale: Vec<String> = expected
+                    .iter()
+                    .filter(|e| !missing.contains(e))
+                    .map(|(nqn, nsid)| format!("{nqn}/nsid={nsid}"))
+                    .collect();
+                if !stale.is_empty() {
+                    info!(count = stale.len(), devices = ?stale, "NVMe namespaces still present after removal");
+                }
+            }
+            Err(e) => warn!(error = %e, "NVMe namespace list after deletion failed"),
+        }
+    }
 }

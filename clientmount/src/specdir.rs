@@ -31,6 +31,12 @@ use crate::reconcile::{self, Ctx, Next};
 
 const BACKOFF_START: Duration = Duration::from_secs(1);
 const BACKOFF_CAP: Duration = Duration::from_secs(300);
+/// First retry of an error retrying alone cannot fix (a bad spec, an
+/// unpinned profile): something else may fix it without touching the
+/// ClientMount, so it is retried, slowly.
+const SLOW_BACKOFF_START: Duration = Duration::from_secs(10);
+/// Retry after an NVMe rescan found every namespace (upstream: 1 s).
+pub(crate) const QUICK_RETRY: Duration = Duration::from_secs(1);
 
 /// `<name>.status.json`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -356,6 +362,7 @@ impl Shared {
         };
         let out = reconcile::reconcile(&cm, &ctx);
         if out.next == Next::Done {
+            reconcile::after_deletion(&cm, &self.cfg);
             return match remove_status(&self.dir, name) {
                 Ok(()) => {
                     info!("unmounted; finalizer done, status file removed");
@@ -438,7 +445,14 @@ struct Sched {
     running: HashSet<String>,
     dirty: HashSet<String>,
     failures: HashMap<String, u32>,
+    slow_failures: HashMap<String, u32>,
     retry_at: HashMap<String, Instant>,
+}
+
+/// The slow backoff: 10 s, doubling, capped at 5 min.
+pub(crate) fn slow_backoff(failures: u32) -> Duration {
+    let shift = failures.saturating_sub(1).min(20);
+    (SLOW_BACKOFF_START * (1u32 << shift)).min(BACKOFF_CAP)
 }
 
 pub(crate) fn backoff(failures: u32) -> Duration {
@@ -569,9 +583,24 @@ pub fn run(dir: PathBuf, cfg: Arc<Config>, node: String) -> Result<(), String> {
                         info!(clientmount = %name, retry_in = ?delay, "will retry");
                         s.retry_at.insert(name.clone(), Instant::now() + delay);
                     }
-                    Next::Interrupted => {}
-                    Next::Done | Next::Wait => {
+                    Next::RetrySoon => {
                         s.failures.remove(&name);
+                        info!(clientmount = %name, retry_in = ?QUICK_RETRY, "will retry soon");
+                        s.retry_at
+                            .insert(name.clone(), Instant::now() + QUICK_RETRY);
+                    }
+                    Next::Wait => {
+                        s.failures.remove(&name);
+                        let f = s.slow_failures.entry(name.clone()).or_insert(0);
+                        *f += 1;
+                        let delay = slow_backoff(*f);
+                        info!(clientmount = %name, retry_in = ?delay, "will retry on the slow backoff");
+                        s.retry_at.insert(name.clone(), Instant::now() + delay);
+                    }
+                    Next::Interrupted => {}
+                    Next::Done | Next::Finalized => {
+                        s.failures.remove(&name);
+                        s.slow_failures.remove(&name);
                     }
                 }
                 if s.dirty.remove(&name) && !shutting_down {
@@ -645,6 +674,14 @@ mod tests {
         assert!(!is_object_file(".a.json"));
         assert!(!is_object_file("a.json.tmp"));
         assert!(!is_object_file("a.tmp"));
+    }
+
+    #[test]
+    fn slow_backoff_is_slow_and_capped() {
+        assert_eq!(slow_backoff(1), Duration::from_secs(10));
+        assert_eq!(slow_backoff(2), Duration::from_secs(20));
+        assert_eq!(slow_backoff(6), BACKOFF_CAP);
+        assert_eq!(slow_backoff(100), BACKOFF_CAP);
     }
 
     #[test]

@@ -104,6 +104,29 @@ pub struct Mount {
     pub source: String,
 }
 
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let oct = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], oct) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Every mount at `path` (stacked mounts give several).
 pub fn mounts_at(path: &Path) -> Vec<Mount> {
     let text = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
@@ -113,7 +136,7 @@ pub fn mounts_at(path: &Path) -> Vec<Mount> {
             let (left, right) = l.split_once(" - ")?;
             let f: Vec<&str> = left.split(' ').collect();
             let r: Vec<&str> = right.split(' ').collect();
-            if f.get(4)? != &path {
+            if unescape_mountinfo(f.get(4)?) != path {
                 return None;
             }
             let (ma, mi) = f.get(2)?.split_once(':')?;
@@ -138,29 +161,111 @@ pub fn stub(bin: &Path, name: &str, body: &str) {
     crate::write_executable(&path, format!("#!/bin/bash\n{body}\n").as_bytes());
 }
 
-/// Recording `lvchange`/`vgchange` stand-ins. `lvchange --activate y*
+/// Recording `lvchange`/`vgchange`/`nvme` stand-ins, and `lvs`/`vgs`
+/// stand-ins that answer from the same state. `lvchange --activate y*
 /// VG/LV` makes `<devdir>/<dm name>` a symlink to the device named in
 /// `<map>/<VG>/<LV>` (as device-mapper would create the node), `--activate
-/// n` removes it.
+/// n` removes it. The state: a VG exists when `<map>/<VG>` does, an LV when
+/// `<map>/<VG>/<LV>` does, and it is active when its node in `<devdir>`
+/// exists. `lvs`/`vgs` calls go to `<log>.queries`, not to `log`.
+///
+/// Scripting: a file `<map>/.fail-<command>` makes `vgchange`/`lvchange`
+/// print its text on stderr and exit 5. The `nvme` stand-in answers
+/// `nvme list ...` with `<map>/.nvme/list-<N>.json` for its N-th call
+/// (else `<map>/.nvme/list.json`, else no devices), and runs the executable
+/// `<map>/.nvme/on-rescan` on each `nvme ns-rescan`.
 pub fn lvm_stubs(bin: &Path, log: &Path, map: &Path, devdir: &Path) {
-    let log = log.display();
-    stub(bin, "vgchange", &format!("echo \"vgchange $*\" >> '{log}'"));
+    let queries = log.with_extension("queries");
+    let (log, map_s, dev_s, q) = (
+        log.display(),
+        map.display(),
+        devdir.display(),
+        queries.display(),
+    );
+    fs::create_dir_all(map.join(".nvme")).expect("nvme script dir");
+    let fail = |cmd: &str| {
+        format!("[ -f '{map_s}/.fail-{cmd}' ] && {{ cat '{map_s}/.fail-{cmd}' >&2; exit 5; }}\n")
+    };
+    stub(
+        bin,
+        "vgchange",
+        &format!(
+            "echo \"vgchange $*\" >> '{log}'\n{}exit 0",
+            fail("vgchange")
+        ),
+    );
     stub(
         bin,
         "lvchange",
         &format!(
             r#"echo "lvchange $*" >> '{log}'
-vglv="$3"; vg="${{vglv%%/*}}"; lv="${{vglv#*/}}"
-node='{devdir}'/"${{vg//-/--}}-${{lv//-/--}}"
+{fail}vglv="$3"; vg="${{vglv%%/*}}"; lv="${{vglv#*/}}"
+node='{dev_s}'/"${{vg//-/--}}-${{lv//-/--}}"
 case "$2" in
-  y|ys|ey|sy) ln -sfn "$(cat '{map}'/"$vg"/"$lv")" "$node" ;;
+  y|ys|ey|sy) ln -sfn "$(cat '{map_s}'/"$vg"/"$lv")" "$node" ;;
   n) rm -f "$node" ;;
 esac"#,
-            devdir = devdir.display(),
-            map = map.display()
+            fail = fail("lvchange"),
         ),
     );
-    stub(bin, "nvme", &format!("echo \"nvme $*\" >> '{log}'"));
+    stub(
+        bin,
+        "vgs",
+        &format!(
+            r#"echo "vgs $*" >> '{q}'
+sep=; printf '{{"report":[{{"vg":['
+for d in '{map_s}'/*/; do
+  [ -d "$d" ] || continue
+  vg=$(basename "$d"); printf '%s{{"vg_name":"%s"}}' "$sep" "$vg"; sep=,
+done
+printf ']}}]}}\n'"#
+        ),
+    );
+    stub(
+        bin,
+        "lvs",
+        &format!(
+            r#"echo "lvs $*" >> '{q}'
+sep=; printf '{{"report":[{{"lv":['
+for f in '{map_s}'/*/*; do
+  [ -f "$f" ] || continue
+  lv=$(basename "$f"); vg=$(basename "$(dirname "$f")")
+  node='{dev_s}'/"${{vg//-/--}}-${{lv//-/--}}"
+  if [ -e "$node" ]; then attr=-wi-a-----; else attr=-wi-------; fi
+  printf '%s{{"vg_name":"%s","lv_name":"%s","lv_attr":"%s"}}' "$sep" "$vg" "$lv" "$attr"; sep=,
+done
+printf ']}}]}}\n'"#
+        ),
+    );
+    stub(
+        bin,
+        "nvme",
+        &format!(
+            r#"echo "nvme $*" >> '{log}'
+d='{map_s}/.nvme'
+case "$1" in
+  ns-rescan) [ -x "$d/on-rescan" ] && "$d/on-rescan" ;;
+  list)
+    n=$(( $(cat "$d/list-count" 2>/dev/null || echo 0) + 1 )); echo "$n" > "$d/list-count"
+    f="$d/list-$n.json"; [ -f "$f" ] || f="$d/list.json"
+    if [ -f "$f" ]; then cat "$f"; else echo '{{"Devices":[]}}'; fi ;;
+esac
+exit 0"#
+        ),
+    );
+}
+
+/// `nvme list -v --output-format=json` output showing these `(NQN, NSID)`
+/// namespaces.
+pub fn nvme_list_json(namespaces: &[(&str, u32)]) -> String {
+    let devices: Vec<serde_json::Value> = namespaces
+        .iter()
+        .map(|(nqn, nsid)| {
+            serde_json::json!({"SubsystemNQN": nqn, "Controllers": [{"Namespaces": [
+                {"NameSpace": format!("nvme0n{nsid}"), "NSID": nsid}]}]})
+        })
+        .collect();
+    serde_json::json!({ "Devices": devices }).to_string()
 }
 
 /// Tell the lvchange stand-in which device `<vg>/<lv>` is.
@@ -207,6 +312,12 @@ impl Daemon {
     /// `--spec-dir`: the Kubernetes mode). The Kubernetes environment
     /// variables of the test process are removed so only the flags count.
     pub fn spawn(bin: &Path, log: &Path, args: &[String]) -> Daemon {
+        Daemon::spawn_env(bin, log, args, &[])
+    }
+
+    /// [`Daemon::spawn`] with these environment variables set (the
+    /// `NNF_*` variables of the test process are removed first).
+    pub fn spawn_env(bin: &Path, log: &Path, args: &[String], envs: &[(&str, &str)]) -> Daemon {
         let path = format!(
             "{}:{}",
             bin.display(),
@@ -226,6 +337,9 @@ impl Daemon {
             .env_remove("DWS_CLIENT_MOUNT_SERVICE_CERT_FILE")
             .env_remove("KUBECONFIG")
             .env_remove("RUST_LOG")
+            .env_remove("NNF_COMMAND_TIMEOUT_SECONDS")
+            .env_remove("NNF_MAPPER_WAIT_TIMEOUT")
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -306,6 +420,23 @@ pub fn wait_status(
             );
         }
         sleep(Duration::from_millis(50));
+    }
+}
+
+/// Wait until the daemon's log has not changed for 1.5 s (the reconciles
+/// its own status writes start are over).
+pub fn settle(daemon: &Daemon) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = (daemon.log_text(), Instant::now());
+    while last.1.elapsed() < Duration::from_millis(1500) {
+        if Instant::now() > deadline {
+            panic!("daemon did not settle; log:\n{}", daemon.log_text());
+        }
+        sleep(Duration::from_millis(100));
+        let now = daemon.log_text();
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
     }
 }
 
