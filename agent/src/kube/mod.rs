@@ -4,14 +4,15 @@
 //!
 //! Threads: the agent core and the filesystem are synchronous. This backend
 //! owns one tokio runtime (two worker threads) for every API call. A request
-//! is prepared and created on a thread of its own (see `Backend::blocking`),
-//! which waits for the runtime at most `timeout` and answers EAGAIN after
-//! that; cancel and rmdir hand their API call to the runtime and return at
+//! is prepared and created on the agent core's blocking pool (never on a
+//! door's thread), which waits for the runtime at most `timeout` and answers
+//! EAGAIN after that; cancel and rmdir hand their API call to the runtime and return at
 //! once. Status comes from one watcher + reflector per namespace the agent
 //! creates in, so reads never touch the API server.
 
 mod mapping;
 
+use std::any::Any;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,7 +28,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use serde_json::{json, Value};
 
-use crate::agent::{Agent, Backend, Notify, Rejection, Requester};
+use crate::agent::{Agent, Backend, Notify, Prepared, Rejection, Requester, Step};
 use crate::op::{Operation, Status};
 use crate::request::Request;
 use crate::timefmt::rfc3339;
@@ -176,7 +177,6 @@ pub struct KubeBackend {
     notify: Notify,
     agent: OnceLock<Weak<Agent>>,
     tracking: Mutex<Tracking>,
-    pending: Mutex<HashMap<String, Pending>>,
     me: Weak<KubeBackend>,
 }
 
@@ -218,7 +218,6 @@ impl KubeBackend {
             notify,
             agent: OnceLock::new(),
             tracking: Mutex::new(Tracking::default()),
-            pending: Mutex::new(HashMap::new()),
             me: me.clone(),
         }))
     }
@@ -983,8 +982,9 @@ impl Backend for KubeBackend {
         "kubernetes"
     }
 
-    fn blocking(&self) -> bool {
-        true
+    fn deadline(&self, request_timeout: Duration) -> Duration {
+        // The API server's own timeout answers first (EAGAIN, its words).
+        request_timeout.max(self.timeout + Duration::from_secs(1))
     }
 
     fn prepare(
@@ -992,28 +992,26 @@ impl Backend for KubeBackend {
         who: &Requester,
         name: String,
         request: Request,
-    ) -> Result<Operation, Rejection> {
+        step: &Step,
+    ) -> Result<Prepared, Rejection> {
         let ctx = self.ctx.clone();
+        step.set("asking the Kubernetes API server");
         let (request, pending) = self.run(
             "checking the request",
             build(ctx, *who, name.clone(), request),
         )?;
-        self.pending.lock().unwrap().insert(name.clone(), pending);
         let target = PathBuf::from(&request.destination);
-        Ok(Operation::new(
-            name,
-            who.uid,
-            who.gid,
-            request,
-            target,
-            Status::default(),
-        ))
+        Ok(Prepared {
+            op: Operation::new(name, who.uid, who.gid, request, target, Status::default()),
+            plan: Box::new(pending),
+        })
     }
 
-    fn accept(&self, op: Arc<Operation>) -> Result<(), Rejection> {
-        let Some(pending) = self.pending.lock().unwrap().remove(&op.name) else {
-            return Err(Rejection::new(Errno::EIO, "the request was not prepared"));
+    fn accept(&self, op: Arc<Operation>, plan: Box<dyn Any + Send>) -> Result<(), Rejection> {
+        let Ok(pending) = plan.downcast::<Pending>() else {
+            return Err(Rejection::new(Errno::EIO, "the request was not prepared here"));
         };
+        let pending = *pending;
         let Some(me) = self.me.upgrade() else {
             return Err(Rejection::new(Errno::EIO, "the backend is shutting down"));
         };
