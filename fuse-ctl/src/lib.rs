@@ -13,6 +13,9 @@
 //! - a [`FileKind::Blocking`] file's read waits until the handler has content,
 //!   without blocking the dispatch loop, and ends with `EINTR` as soon as the
 //!   kernel interrupts it (the caller got a signal);
+//! - a write answered later ends with `EINTR` as soon as the kernel
+//!   interrupts it, unless its handler already [claimed](WriteDone::claim) it
+//!   to commit its effect, so a writer is never stuck unkillably;
 //! - `poll` reports a [`FileKind::Snapshot`] file readable once its generation
 //!   changed since the descriptor's last read at offset 0, and a blocking file
 //!   once its content is ready;
@@ -28,7 +31,7 @@ use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -198,9 +201,13 @@ struct Inner {
     handles: Mutex<HashMap<u64, Handle>>,
     dir_listings: Mutex<HashMap<u64, Vec<DirEntry>>>,
     pending: Mutex<HashMap<u64, PendingRead>>,
-    /// Interrupts that arrived before their read was registered (another
-    /// dispatch thread may still be handling it), by request id.
+    /// Writes not answered yet, by request id. Lock order: `pending`, then
+    /// `pending_writes`, then `early_interrupts`.
+    pending_writes: Mutex<HashMap<u64, Arc<WriteSlot>>>,
+    /// Interrupts that arrived before their read or write was registered
+    /// (another dispatch thread may still be handling it), by request id.
     early_interrupts: Mutex<HashMap<u64, Instant>>,
+    interrupts: AtomicU64,
     next_ino: AtomicU64,
     next_fh: AtomicU64,
     rmdir_hook: OnceLock<Box<RmdirHook>>,
@@ -236,7 +243,9 @@ impl ControlFs {
                 handles: Mutex::new(HashMap::new()),
                 dir_listings: Mutex::new(HashMap::new()),
                 pending: Mutex::new(HashMap::new()),
+                pending_writes: Mutex::new(HashMap::new()),
                 early_interrupts: Mutex::new(HashMap::new()),
+                interrupts: AtomicU64::new(0),
                 next_ino: AtomicU64::new(2),
                 next_fh: AtomicU64::new(1),
                 rmdir_hook: OnceLock::new(),
@@ -322,6 +331,17 @@ impl ControlFs {
         self.inner.pending.lock().unwrap().len()
     }
 
+    /// Number of writes not answered yet (for tests and metrics).
+    pub fn pending_writes(&self) -> usize {
+        self.inner.pending_writes.lock().unwrap().len()
+    }
+
+    /// Number of interrupts the kernel sent, answered or moot (for tests and
+    /// metrics).
+    pub fn interrupts(&self) -> u64 {
+        self.inner.interrupts.load(Ordering::SeqCst)
+    }
+
     /// Mounts the tree at `mountpoint`, serving it from a background thread
     /// until [`Mounted::unmount`] or drop.
     pub fn mount(&self, mountpoint: &Path, fsname: &str) -> io::Result<Mounted> {
@@ -396,6 +416,19 @@ impl Mounted {
         for p in pending {
             p.reply.error(Errno::EINTR);
         }
+        // Unclaimed writes alike; a claimed one is being committed and gets
+        // its handler's answer (or the aborted connection's).
+        let writes: Vec<Arc<WriteSlot>> = self
+            .inner
+            .pending_writes
+            .lock()
+            .unwrap()
+            .drain()
+            .map(|(_, w)| w)
+            .collect();
+        for w in writes {
+            w.interrupt();
+        }
         self.inner.notice(Notice::Stop);
         let result = match self.session.take() {
             Some(session) => match session.umount_and_join() {
@@ -452,19 +485,103 @@ pub fn clean_stale_mount(mountpoint: &Path) -> io::Result<bool> {
     Ok(true)
 }
 
+/// Where a write's answer stands. The reply moves out when it is sent.
+enum WriteState {
+    /// Nobody answered or claimed it: an interrupt answers it with EINTR.
+    Open(ReplyWrite),
+    /// The handler commits its effect: only `finish` (or drop) answers it.
+    Claimed(ReplyWrite),
+    /// The kernel interrupted it and the writer got EINTR.
+    Interrupted,
+    /// `finish` or drop answered it.
+    Answered,
+}
+
+/// A write's reply, shared by its [`WriteDone`] and the pending table the
+/// interrupt handler looks it up in.
+struct WriteSlot {
+    state: Mutex<WriteState>,
+    interrupted: AtomicBool,
+}
+
+impl WriteSlot {
+    /// Answers EINTR unless claimed or answered; returns whether it did.
+    fn interrupt(&self) -> bool {
+        let mut state = self.state.lock().unwrap();
+        if !matches!(*state, WriteState::Open(_)) {
+            return false;
+        }
+        let WriteState::Open(reply) = std::mem::replace(&mut *state, WriteState::Interrupted)
+        else {
+            unreachable!("checked above")
+        };
+        self.interrupted.store(true, Ordering::SeqCst);
+        reply.error(Errno::EINTR);
+        true
+    }
+}
+
 /// Answers one write. Dropping it unanswered fails the write with EIO.
+///
+/// The kernel may interrupt the write at any time until it is claimed or
+/// finished (the writer got a signal): the writer then gets EINTR at once and
+/// the handler must not commit the write's effect. A handler that commits
+/// something calls [`claim`](Self::claim) first and abandons the work when it
+/// returns `false`.
 pub struct WriteDone {
     inner: Arc<Inner>,
+    unique: u64,
     fh: u64,
     offset: u64,
     len: u32,
-    reply: Option<ReplyWrite>,
+    caller: Caller,
+    slot: Arc<WriteSlot>,
 }
 
 impl WriteDone {
+    /// Claims the reply for committing the write's effect. `false` when the
+    /// kernel interrupted the write first (the writer already got EINTR):
+    /// the caller must then abandon the work. After `true`, an interrupt no
+    /// longer answers the write; `finish` does.
+    pub fn claim(&self) -> bool {
+        let mut state = self.slot.state.lock().unwrap();
+        match std::mem::replace(&mut *state, WriteState::Answered) {
+            WriteState::Open(reply) | WriteState::Claimed(reply) => {
+                *state = WriteState::Claimed(reply);
+                true
+            }
+            other => {
+                *state = other;
+                false
+            }
+        }
+    }
+
+    /// Whether the write was interrupted (cheap; for long work to give up early).
+    pub fn is_interrupted(&self) -> bool {
+        self.slot.interrupted.load(Ordering::SeqCst)
+    }
+
+    /// Who wrote.
+    pub fn caller(&self) -> Caller {
+        self.caller
+    }
+
     /// Completes the write: `result` becomes the `write(2)` outcome and
-    /// `reply_text` what reads after the written bytes return.
-    pub fn finish(mut self, result: Result<(), Errno>, reply_text: Vec<u8>) {
+    /// `reply_text` what reads after the written bytes return. Claims the
+    /// write first if the handler did not; after an interrupt it records and
+    /// answers nothing (the writer already got EINTR).
+    pub fn finish(self, result: Result<(), Errno>, reply_text: Vec<u8>) {
+        let reply = {
+            let mut state = self.slot.state.lock().unwrap();
+            match std::mem::replace(&mut *state, WriteState::Answered) {
+                WriteState::Open(reply) | WriteState::Claimed(reply) => reply,
+                other => {
+                    *state = other;
+                    return;
+                }
+            }
+        };
         // A failed write leaves the file offset where the write started, so
         // that is where its reply begins.
         let reply_at = match result {
@@ -474,18 +591,24 @@ impl WriteDone {
         if let Some(handle) = self.inner.handles.lock().unwrap().get_mut(&self.fh) {
             handle.write_reply = Some((reply_at, reply_text));
         }
-        if let Some(reply) = self.reply.take() {
-            match result {
-                Ok(()) => reply.written(self.len),
-                Err(errno) => reply.error(errno),
-            }
+        match result {
+            Ok(()) => reply.written(self.len),
+            Err(errno) => reply.error(errno),
         }
     }
 }
 
 impl Drop for WriteDone {
     fn drop(&mut self) {
-        if let Some(reply) = self.reply.take() {
+        self.inner
+            .pending_writes
+            .lock()
+            .unwrap()
+            .remove(&self.unique);
+        let mut state = self.slot.state.lock().unwrap();
+        if let WriteState::Open(reply) | WriteState::Claimed(reply) =
+            std::mem::replace(&mut *state, WriteState::Answered)
+        {
             reply.error(Errno::EIO);
         }
     }
@@ -721,13 +844,20 @@ impl Adapter {
 
 impl Filesystem for Adapter {
     fn interrupt(&self, _req: &Request, unique: RequestId) -> bool {
+        self.inner.interrupts.fetch_add(1, Ordering::SeqCst);
         let mut pending = self.inner.pending.lock().unwrap();
+        let mut writes = self.inner.pending_writes.lock().unwrap();
         if let Some(p) = pending.remove(&unique.0) {
             p.reply.error(Errno::EINTR);
+        } else if let Some(w) = writes.get(&unique.0) {
+            // A claimed write stays: its handler's `finish` answers it.
+            if w.interrupt() {
+                writes.remove(&unique.0);
+            }
         } else {
-            // Either the read was answered already (then this is moot) or it
-            // is still being dispatched on another thread: remember it for a
-            // while so the read is interrupted as soon as it registers.
+            // Either the request was answered already (then this is moot) or
+            // it is still being dispatched on another thread: remember it for
+            // a while so it is interrupted as soon as it registers.
             let mut early = self.inner.early_interrupts.lock().unwrap();
             early.retain(|_, at| at.elapsed() < Duration::from_secs(10));
             early.insert(unique.0, Instant::now());
@@ -921,14 +1051,38 @@ impl Filesystem for Adapter {
                 None => return reply.error(Errno::EBADF),
             }
         };
+        let unique = req.unique().0;
+        let slot = {
+            let mut writes = self.inner.pending_writes.lock().unwrap();
+            if self
+                .inner
+                .early_interrupts
+                .lock()
+                .unwrap()
+                .remove(&unique)
+                .is_some()
+            {
+                // Interrupted before the handler saw it: no effect at all.
+                return reply.error(Errno::EINTR);
+            }
+            let slot = Arc::new(WriteSlot {
+                state: Mutex::new(WriteState::Open(reply)),
+                interrupted: AtomicBool::new(false),
+            });
+            writes.insert(unique, slot.clone());
+            slot
+        };
+        let caller = Caller::of(req);
         let done = WriteDone {
             inner: self.inner.clone(),
+            unique,
             fh: fh.0,
             offset,
             len: data.len() as u32,
-            reply: Some(reply),
+            caller,
+            slot,
         };
-        ops.write(&Caller::of(req), data, done);
+        ops.write(&caller, data, done);
     }
 
     fn flush(

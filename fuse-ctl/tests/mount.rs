@@ -1208,3 +1208,226 @@ fn unmount_explicitly_and_on_drop() {
         "{err}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// Writes answered later
+// ---------------------------------------------------------------------------
+
+/// One write the handler handed to the test thread, unanswered.
+struct HeldWrite {
+    caller: Caller,
+    data: Vec<u8>,
+    done: WriteDone,
+}
+
+/// A command file whose handler answers nothing itself: it hands every
+/// write's `done` to the test, which answers (or not) from its own thread.
+struct Held(Mutex<mpsc::Sender<HeldWrite>>);
+
+impl FileOps for Held {
+    fn write(&self, caller: &Caller, data: &[u8], done: WriteDone) {
+        let held = HeldWrite {
+            caller: *caller,
+            data: data.to_vec(),
+            done,
+        };
+        // The test is gone: dropping `done` answers EIO.
+        let _ = self.0.lock().unwrap().send(held);
+    }
+}
+
+/// A mounted tree with one such file, `/held` (0666).
+struct HeldFx {
+    mounted: Option<Mounted>,
+    fs: ControlFs,
+    writes: mpsc::Receiver<HeldWrite>,
+    mnt: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl HeldFx {
+    fn new() -> Self {
+        let dir = scratch();
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let (tx, writes) = mpsc::channel();
+        let fs = ControlFs::new(Owner::root(0o755));
+        fs.add_file(
+            NodeId::ROOT,
+            "held",
+            Owner::root(0o666),
+            FileKind::Command,
+            Arc::new(Held(Mutex::new(tx))),
+        )
+        .unwrap();
+        let mounted = fs.mount(&mnt, "fuse-ctl-test").expect("mount");
+        HeldFx {
+            mounted: Some(mounted),
+            fs,
+            writes,
+            mnt,
+            _dir: dir,
+        }
+    }
+
+    fn held(&self) -> String {
+        self.mnt.join("held").to_str().unwrap().to_string()
+    }
+
+    /// The next write the handler got.
+    fn next_write(&self) -> HeldWrite {
+        self.writes
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the handler got no write")
+    }
+
+    /// Waits until the kernel has sent `n` interrupts in all.
+    fn wait_interrupts(&self, n: u64) {
+        assert!(
+            wait_until(Duration::from_secs(5), || self.fs.interrupts() >= n),
+            "expected {n} interrupts, have {}",
+            self.fs.interrupts()
+        );
+    }
+}
+
+impl Drop for HeldFx {
+    fn drop(&mut self) {
+        if let Some(mounted) = self.mounted.take() {
+            if mounted.unmount().is_err() {
+                detach(&self.mnt);
+            }
+        }
+    }
+}
+
+/// `bash -c script` with its output captured.
+fn bash(script: &str) -> Proc {
+    let mut c = command(None, "bash", &["-c", script]);
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    Proc::spawn(c)
+}
+
+impl Proc {
+    /// Asserts the process sleeps interruptibly and stays so for a while:
+    /// never in D, which no signal ends.
+    fn assert_never_uninterruptible(&self) {
+        self.assert_sleeps_interruptibly();
+        let deadline = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < deadline {
+            let state = self.state();
+            assert_ne!(state, 'D', "pid {} sleeps uninterruptibly", self.pid());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+#[test]
+fn signals_end_a_held_write_promptly() {
+    let fx = HeldFx::new();
+    for sig in [libc::SIGKILL, libc::SIGINT] {
+        let mut writer = bash(&format!("echo x > {}", fx.held()));
+        let held = fx.next_write();
+        assert_eq!(held.data, b"x\n");
+        assert_eq!(fx.fs.pending_writes(), 1);
+        writer.assert_never_uninterruptible();
+        writer.signal(sig);
+        let status = writer
+            .wait_for(PROMPT)
+            .expect("the signal did not end the write");
+        assert_eq!(status.signal(), Some(sig), "{status}");
+        // The writer got EINTR: the holder learns it and must not commit.
+        assert!(held.done.is_interrupted());
+        assert!(!held.done.claim());
+        assert_eq!(fx.fs.pending_writes(), 0);
+        // Finishing now records and answers nothing (and does not panic).
+        held.done.finish(Ok(()), b"too late\n".to_vec());
+    }
+    // A handled signal: write(2) itself fails with EINTR, then the trap runs.
+    let writer = bash(&format!(
+        "trap 'echo trapped' USR1; echo x > {}; echo rc=$?",
+        fx.held()
+    ));
+    let held = fx.next_write();
+    writer.assert_never_uninterruptible();
+    writer.signal(libc::SIGUSR1);
+    let (status, out, err) = writer.finish(PROMPT);
+    assert!(status.success(), "{err}");
+    assert!(err.contains("Interrupted system call"), "{err}");
+    assert_eq!(out, "trapped\nrc=1\n");
+    assert!(!held.done.claim());
+    assert!(held.done.is_interrupted());
+    drop(held);
+    assert_eq!(fx.fs.pending_writes(), 0);
+}
+
+#[test]
+fn held_write_answered_later_succeeds_or_fails_with_its_errno() {
+    let fx = HeldFx::new();
+    let writer = bash(&format!("echo hello > {}", fx.held()));
+    let held = fx.next_write();
+    // The writer's identity, on the callback and on `done` alike.
+    assert_eq!(held.caller.uid, 0);
+    assert_eq!(held.caller.pid, writer.pid() as u32);
+    assert_eq!(held.done.caller(), held.caller);
+    assert!(held.done.claim());
+    assert!(held.done.claim(), "claiming twice is still a claim");
+    assert!(!held.done.is_interrupted());
+    std::thread::sleep(Duration::from_millis(100));
+    held.done.finish(Ok(()), b"done\n".to_vec());
+    let (status, _, err) = writer.finish(PROMPT);
+    assert!(status.success(), "{err}");
+    // Without a claim: `finish` claims itself.
+    let writer = bash(&format!("echo hello > {}", fx.held()));
+    let held = fx.next_write();
+    held.done.finish(Err(Errno::EBUSY), Vec::new());
+    let (status, _, err) = writer.finish(PROMPT);
+    assert!(!status.success());
+    assert!(err.contains("Device or resource busy"), "{err}");
+    assert_eq!(fx.fs.pending_writes(), 0);
+}
+
+#[test]
+fn claimed_write_gets_finish_result_despite_an_interrupt() {
+    let fx = HeldFx::new();
+    let interrupts = fx.fs.interrupts();
+    // write(2) through ctypes, so that Python does not retry it on EINTR.
+    let script = r#"
+import ctypes, errno, os, signal, sys
+libc = ctypes.CDLL(None, use_errno=True)
+got = []
+signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+fd = os.open(sys.argv[1], os.O_WRONLY)
+n = libc.write(fd, b'go\n', 3)
+err = ctypes.get_errno() if n < 0 else 0
+print(n, errno.errorcode.get(err, err), got == [signal.SIGUSR1])
+"#;
+    let mut c = command(None, PY, &["-u", "-c", script, &fx.held()]);
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut writer = Proc::spawn(c);
+    let held = fx.next_write();
+    assert!(held.done.claim());
+    writer.signal(libc::SIGUSR1);
+    fx.wait_interrupts(interrupts + 1);
+    // Claimed: the interrupt did not answer the write.
+    assert!(writer.wait_for(Duration::from_millis(200)).is_none());
+    assert!(!held.done.is_interrupted());
+    assert_eq!(fx.fs.pending_writes(), 1);
+    held.done.finish(Err(Errno::EBUSY), Vec::new());
+    let (status, out, err) = writer.finish(PROMPT);
+    assert!(status.success(), "{err}");
+    assert_eq!(out.trim(), "-1 EBUSY True");
+    // And a claimed write that succeeds reports its length.
+    let script = script.replace("got == [signal.SIGUSR1]", "got");
+    let mut c = command(None, PY, &["-u", "-c", &script, &fx.held()]);
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let writer = Proc::spawn(c);
+    let held = fx.next_write();
+    assert!(held.done.claim());
+    writer.signal(libc::SIGUSR1);
+    fx.wait_interrupts(interrupts + 2);
+    held.done.finish(Ok(()), Vec::new());
+    let (status, out, err) = writer.finish(PROMPT);
+    assert!(status.success(), "{err}");
+    assert_eq!(out.trim(), "3 0 [10]");
+}
