@@ -83,7 +83,10 @@ fn the_winner(outcomes: &[(User, String, String)]) -> (User, String) {
 }
 
 fn errors_as(agent: &Agent, u: &User) -> String {
-    stdout(&sh_as(u, &format!("cat {}", agent.path("errors").display())))
+    stdout(&sh_as(
+        u,
+        &format!("cat {}", agent.path("errors").display()),
+    ))
 }
 
 fn root_names(agent: &Agent) -> Vec<String> {
@@ -133,10 +136,12 @@ fn same_name_writers_on_the_local_backend_one_wins_with_its_own_request() {
     assert_eq!(field(&status, "status").unwrap(), "success", "{status}");
     // Its record is the winner's too.
     let record: Value =
-        serde_json::from_slice(&std::fs::read(agent.state.join("ops/race.json")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(agent.state.join("ops/race.json")).unwrap()).unwrap();
     assert_eq!(record["uid"], winner.uid);
-    assert_eq!(record["request"]["source"], format!("{}/{tag}", src.display()));
+    assert_eq!(
+        record["request"]["source"],
+        format!("{}/{tag}", src.display())
+    );
 
     // Every loser was told why.
     for u in &users {
@@ -159,11 +164,21 @@ fn same_name_writers_on_the_local_backend_one_wins_with_its_own_request() {
         root_names(&agent),
         ["README", "errors", "race", "request", "version"]
     );
-    assert_eq!(std::fs::read_dir(agent.state.join("ops")).unwrap().count(), 1);
+    assert_eq!(
+        std::fs::read_dir(agent.state.join("ops")).unwrap().count(),
+        1
+    );
     let rmdir = sh_as(&winner, &format!("rmdir {}", agent.path("race").display()));
     assert!(rmdir.status.success(), "{}", stderr(&rmdir));
-    assert_eq!(std::fs::read_dir(agent.state.join("ops")).unwrap().count(), 0);
-    let loser = if winner == users[0] { users[1] } else { users[0] };
+    assert_eq!(
+        std::fs::read_dir(agent.state.join("ops")).unwrap().count(),
+        0
+    );
+    let loser = if winner == users[0] {
+        users[1]
+    } else {
+        users[0]
+    };
     let again = agent.request_as(
         &loser,
         &format!(
@@ -339,12 +354,21 @@ fn same_name_writers_on_the_kubernetes_backend_one_wins_with_its_own_resource() 
         root_names(&agent),
         ["README", "errors", "request", "version"]
     );
-    let loser = if winner == users[0] { users[1] } else { users[0] };
+    let loser = if winner == users[0] {
+        users[1]
+    } else {
+        users[0]
+    };
     let again = agent.request_as(
         &loser,
         "name=race workflow=wf1 namespace=default source=/mnt/nnf/lus-0/again destination=/lus/global/again",
     );
-    assert!(again.status.success(), "{}\n{}", stderr(&again), agent.log());
+    assert!(
+        again.status.success(),
+        "{}\n{}",
+        stderr(&again),
+        agent.log()
+    );
     assert!(wait_until(LONG, || server.objects(DM, None).len() == 1));
     assert_eq!(server.objects(DM, None)[0]["spec"]["userId"], loser.uid);
 }

@@ -172,6 +172,10 @@ pub trait Reply: Send + 'static {
     fn claim(&self) -> bool {
         true
     }
+    /// Whether the requester already went away (cheap, may be asked often).
+    fn is_gone(&self) -> bool {
+        false
+    }
     /// The answer, given exactly once (or never, after a `claim` of false).
     fn finish(self: Box<Self>, result: Result<String, Rejection>);
 }
@@ -212,14 +216,24 @@ impl Attempt {
         };
         state.stuck = true;
         drop(state);
-        self.agent.checking.lock().unwrap().entry(self.who.uid).or_default().stuck += 1;
+        self.agent
+            .checking
+            .lock()
+            .unwrap()
+            .entry(self.who.uid)
+            .or_default()
+            .stuck += 1;
         let doing = self.step.get();
         let rejection = Rejection::new(
             Errno::ETIMEDOUT,
             format!(
                 "no answer within {}s while {}: its file system does not answer",
                 after.as_secs_f64(),
-                if doing.is_empty() { "checking the request".to_string() } else { doing }
+                if doing.is_empty() {
+                    "checking the request".to_string()
+                } else {
+                    doing
+                }
             ),
         );
         self.agent.reject(&self.who, &rejection);
@@ -239,6 +253,16 @@ impl Attempt {
         }
         state.committed = true;
         true
+    }
+
+    /// Whether nobody waits for this request any more.
+    fn is_gone(&self) -> bool {
+        self.state
+            .lock()
+            .unwrap()
+            .reply
+            .as_ref()
+            .is_none_or(|reply| reply.is_gone())
     }
 
     /// Answers the requester, if it still waits.
@@ -407,11 +431,18 @@ impl Agent {
 
     /// Creates an operation and waits for the answer (the gRPC door). The
     /// request is abandoned if the caller stops waiting.
-    pub async fn create(self: &Arc<Self>, who: Requester, input: Input) -> Result<String, Rejection> {
+    pub async fn create(
+        self: &Arc<Self>,
+        who: Requester,
+        input: Input,
+    ) -> Result<String, Rejection> {
         struct Channel(tokio::sync::oneshot::Sender<Result<String, Rejection>>);
         impl Reply for Channel {
             fn claim(&self) -> bool {
                 !self.0.is_closed()
+            }
+            fn is_gone(&self) -> bool {
+                self.0.is_closed()
             }
             fn finish(self: Box<Self>, result: Result<String, Rejection>) {
                 let _ = self.0.send(result);
@@ -439,7 +470,10 @@ impl Agent {
         if c.running >= MAX_CHECKING_PER_USER {
             return Err(Rejection::new(
                 Errno::EAGAIN,
-                format!("{} requests of uid {uid} are being checked: try again", c.running),
+                format!(
+                    "{} requests of uid {uid} are being checked: try again",
+                    c.running
+                ),
             ));
         }
         c.running += 1;
@@ -449,6 +483,14 @@ impl Agent {
     /// The checks and the creation of one request, on a worker thread.
     fn create_checked(&self, attempt: &Attempt, input: Input) -> Result<String, Rejection> {
         let who = &attempt.who;
+        if attempt.is_gone() {
+            // Interrupted or timed out while queued: nothing to do.
+            return Err(abandoned());
+        }
+        #[cfg(debug_assertions)]
+        if std::env::var_os("NNF_DM_TEST_PANIC").is_some_and(|v| v == "request") {
+            panic!("test hook NNF_DM_TEST_PANIC=request");
+        }
         let mut request = match input {
             Input::Text(bytes) => {
                 Request::parse(&bytes).map_err(|e| Rejection::new(Errno::EINVAL, e.0))?
@@ -465,7 +507,10 @@ impl Agent {
         }
         let reservation = self.reserve(who.uid, request.name.clone())?;
         let name = reservation.name.clone();
-        let prepared = match self.backend().prepare(who, name.clone(), request, &attempt.step) {
+        let prepared = match self
+            .backend()
+            .prepare(who, name.clone(), request, &attempt.step)
+        {
             Ok(prepared) => prepared,
             Err(rejection) => {
                 self.unreserve(who.uid, &reservation);
@@ -538,10 +583,17 @@ impl Agent {
     }
 
     /// Turns a reservation into a visible operation.
-    fn register_reserved(&self, op: Arc<Operation>, reservation: &Reservation) -> Result<(), Rejection> {
+    fn register_reserved(
+        &self,
+        op: Arc<Operation>,
+        reservation: &Reservation,
+    ) -> Result<(), Rejection> {
         let mut registry = self.registry.write().unwrap();
         if registry.reserved.get(&op.name).map(|r| r.0) != Some(reservation.token) {
-            return Err(Rejection::new(Errno::EIO, format!("the reservation of '{}' was lost", op.name)));
+            return Err(Rejection::new(
+                Errno::EIO,
+                format!("the reservation of '{}' was lost", op.name),
+            ));
         }
         let node = self.add_op_dir(&op).map_err(|e| {
             Rejection::new(
@@ -827,6 +879,14 @@ impl FileOps for RequestFile {
 struct WriteReply(WriteDone);
 
 impl Reply for WriteReply {
+    fn claim(&self) -> bool {
+        self.0.claim()
+    }
+
+    fn is_gone(&self) -> bool {
+        self.0.is_interrupted()
+    }
+
     fn finish(self: Box<Self>, result: Result<String, Rejection>) {
         finish_create(result, self.0);
     }

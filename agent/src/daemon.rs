@@ -30,7 +30,10 @@ pub struct Error {
 }
 
 impl Error {
-    fn with(what: impl Into<String>, cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+    fn with(
+        what: impl Into<String>,
+        cause: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
         Error {
             what: what.into(),
             cause: Some(Box::new(cause)),
@@ -106,7 +109,10 @@ fn run_local(agent: &Arc<Agent>, args: &RunArgs, signals: &libc::sigset_t) -> Re
     };
     let store = Store::open(&args.state_dir).map_err(|e| {
         Error::with(
-            format!("cannot use the state directory {}", args.state_dir.display()),
+            format!(
+                "cannot use the state directory {}",
+                args.state_dir.display()
+            ),
             e,
         )
     })?;
@@ -122,7 +128,10 @@ fn run_local(agent: &Arc<Agent>, args: &RunArgs, signals: &libc::sigset_t) -> Re
     prepare_mountpoint(&args.mountpoint)?;
     let restored = backend.recover(agent).map_err(|e| {
         Error::with(
-            format!("cannot read the state directory {}", args.state_dir.display()),
+            format!(
+                "cannot read the state directory {}",
+                args.state_dir.display()
+            ),
             e,
         )
     })?;
@@ -250,16 +259,19 @@ fn serve(
         loop {
             let signal = sys_signals::wait(signals);
             if signal == libc::SIGHUP {
-                tracing::info!(signal, "SIGHUP ignored (the log is stderr: nothing to reopen)");
+                tracing::info!(
+                    signal,
+                    "SIGHUP ignored (the log is stderr: nothing to reopen)"
+                );
                 continue;
             }
             tracing::info!(signal, "unmounting and exiting");
             break;
         }
     }
-    mounted.unmount().map_err(|e| {
-        Error::with(format!("cannot unmount {}", args.mountpoint.display()), e)
-    })?;
+    mounted
+        .unmount()
+        .map_err(|e| Error::with(format!("cannot unmount {}", args.mountpoint.display()), e))?;
     extra
 }
 

@@ -7,7 +7,6 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{cli, timefmt};
 
-
 /// Parses the command line (exits with clap's message on bad flags).
 pub fn parse() -> Cli {
     Cli::parse()

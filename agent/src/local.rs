@@ -689,7 +689,10 @@ impl Backend for LocalBackend {
             )
         })?;
         let op = Operation::new(name, who.uid, who.gid, request, target, Status::default());
-        step.set(format!("writing the record of '{}' to the state directory", op.name));
+        step.set(format!(
+            "writing the record of '{}' to the state directory",
+            op.name
+        ));
         self.persist(&op, None).map_err(|e| {
             Rejection::new(
                 Errno::EIO,

@@ -199,7 +199,10 @@ impl Backend for KubeBackend {
 
     fn accept(&self, op: Arc<Operation>, plan: Box<dyn Any + Send>) -> Result<(), Rejection> {
         let Ok(pending) = plan.downcast::<Pending>() else {
-            return Err(Rejection::new(Errno::EIO, "the request was not prepared here"));
+            return Err(Rejection::new(
+                Errno::EIO,
+                "the request was not prepared here",
+            ));
         };
         let pending = *pending;
         let Some(me) = self.me.upgrade() else {
