@@ -40,16 +40,38 @@ pub struct Requester {
     pub pid: u32,
 }
 
+/// The control filesystem's directory of each visible operation, by name:
+/// the FUSE door's own map, so that an `Operation` knows nothing of FUSE.
+#[derive(Clone, Default)]
+struct Dirs(Arc<Mutex<HashMap<String, NodeId>>>);
+
+impl Dirs {
+    fn get(&self, name: &str) -> Option<NodeId> {
+        self.0.lock().unwrap().get(name).copied()
+    }
+
+    fn insert(&self, name: &str, node: NodeId) {
+        self.0.lock().unwrap().insert(name.to_string(), node);
+    }
+
+    fn remove(&self, name: &str) -> Option<NodeId> {
+        self.0.lock().unwrap().remove(name)
+    }
+}
+
 /// Wakes readers of an operation's files after its status changed.
 #[derive(Clone)]
 pub struct Notify {
     fs: ControlFs,
+    dirs: Dirs,
 }
 
 impl Notify {
     pub fn changed(&self, op: &Operation) {
-        if let Some(node) = op.node.get() {
-            self.fs.changed(*node);
+        // A late change of an operation already replaced under its name
+        // wakes the new one's readers: they re-read and find nothing new.
+        if let Some(node) = self.dirs.get(&op.name) {
+            self.fs.changed(node);
         }
     }
 }
@@ -300,6 +322,7 @@ fn abandoned() -> Rejection {
 
 pub struct Agent {
     fs: ControlFs,
+    dirs: Dirs,
     registry: RwLock<Registry>,
     errors: Mutex<HashMap<u32, VecDeque<String>>>,
     checking: Mutex<HashMap<u32, Checking>>,
@@ -318,6 +341,7 @@ impl Agent {
         let fs = ControlFs::new(Owner::root(0o1777));
         Arc::new(Agent {
             fs,
+            dirs: Dirs::default(),
             registry: RwLock::new(Registry {
                 ops: HashMap::new(),
                 reserved: HashMap::new(),
@@ -335,6 +359,7 @@ impl Agent {
     pub fn notify(&self) -> Notify {
         Notify {
             fs: self.fs.clone(),
+            dirs: self.dirs.clone(),
         }
     }
 
@@ -601,7 +626,7 @@ impl Agent {
                 format!("cannot create the directory of '{}': {e:?}", op.name),
             )
         })?;
-        let _ = op.node.set(node);
+        self.dirs.insert(&op.name, node);
         registry.reserved.remove(&op.name);
         registry.ops.insert(op.name.clone(), op.clone());
         Ok(())
@@ -636,9 +661,9 @@ impl Agent {
 
     /// Removes a completed operation, as `rmdir` does (EBUSY until completed).
     pub fn delete(&self, uid: u32, name: &str) -> Result<(), Errno> {
-        let op = self.remove_op(uid, name)?;
-        if let Some(node) = op.node.get() {
-            self.fs.remove_now(*node);
+        let (_, node) = self.remove_op(uid, name)?;
+        if let Some(node) = node {
+            self.fs.remove_now(node);
         }
         Ok(())
     }
@@ -674,7 +699,7 @@ impl Agent {
                 format!("cannot create the directory of '{}': {e:?}", op.name),
             )
         })?;
-        let _ = op.node.set(node);
+        self.dirs.insert(&op.name, node);
         registry.ops.insert(op.name.clone(), op.clone());
         *registry.per_user.entry(op.uid).or_default() += 1;
         Ok(())
@@ -691,15 +716,23 @@ impl Agent {
     /// allowed from a FUSE callback).
     fn unregister(&self, op: &Operation, now: bool) {
         let mut registry = self.registry.write().unwrap();
-        if registry.ops.remove(&op.name).is_some() {
-            registry.release(op.uid);
+        // Only this very operation: its name may have passed to another.
+        if !registry
+            .ops
+            .get(&op.name)
+            .is_some_and(|o| std::ptr::eq(&**o, op))
+        {
+            return;
         }
+        registry.ops.remove(&op.name);
+        registry.release(op.uid);
+        let node = self.dirs.remove(&op.name);
         drop(registry);
-        if let Some(node) = op.node.get() {
+        if let Some(node) = node {
             if now {
-                self.fs.remove_now(*node);
+                self.fs.remove_now(node);
             } else {
-                self.fs.remove(*node);
+                self.fs.remove(node);
             }
         }
     }
@@ -761,7 +794,9 @@ impl Agent {
     }
 
     /// Forgets a completed operation everywhere but in the filesystem tree.
-    fn remove_op(&self, uid: u32, name: &str) -> Result<Arc<Operation>, Errno> {
+    /// Returns the operation and its directory, which the caller removes
+    /// (the rmdir hook: the library does).
+    fn remove_op(&self, uid: u32, name: &str) -> Result<(Arc<Operation>, Option<NodeId>), Errno> {
         let op = self
             .registry
             .read()
@@ -781,11 +816,15 @@ impl Agent {
             return Err(rejection.errno);
         }
         let mut registry = self.registry.write().unwrap();
-        if registry.ops.remove(name).is_some() {
+        let mut node = None;
+        if registry.ops.get(name).is_some_and(|o| Arc::ptr_eq(o, &op)) {
+            registry.ops.remove(name);
             registry.release(op.uid);
+            node = self.dirs.remove(name);
         }
+        drop(registry);
         tracing::info!(op = %name, user = uid, "operation removed");
-        Ok(op)
+        Ok((op, node))
     }
 
     /// Removes completed operations older than the retention period.
