@@ -4,7 +4,7 @@
 
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use fuse_ctl::{Caller, Content, ControlFs, Errno, FileKind, FileOps, NodeId, Owner, WriteDone};
@@ -67,6 +67,17 @@ pub struct Notify {
 }
 
 impl Notify {
+    /// The control filesystem the agent will serve, to hand its backend
+    /// before the agent exists.
+    pub fn new() -> Notify {
+        // Like /tmp: everyone may write the request file, and the sticky bit
+        // lets owners (only) rmdir their operations.
+        Notify {
+            fs: ControlFs::new(Owner::root(0o1777)),
+            dirs: Dirs::default(),
+        }
+    }
+
     pub fn changed(&self, op: &Operation) {
         // A late change of an operation already replaced under its name
         // wakes the new one's readers: they re-read and find nothing new.
@@ -326,22 +337,25 @@ pub struct Agent {
     registry: RwLock<Registry>,
     errors: Mutex<HashMap<u32, VecDeque<String>>>,
     checking: Mutex<HashMap<u32, Checking>>,
-    backend: OnceLock<Arc<dyn Backend>>,
+    backend: Arc<dyn Backend>,
     config: AgentConfig,
     /// Where requests are checked: never on a door's thread.
     rt: tokio::runtime::Handle,
 }
 
 impl Agent {
-    /// The core; `rt` runs the checks of every request (its blocking pool
-    /// bounds how many threads wait on file systems).
-    pub fn new(config: AgentConfig, rt: tokio::runtime::Handle) -> Arc<Agent> {
-        // Like /tmp: everyone may write the request file, and the sticky bit
-        // lets owners (only) rmdir their operations.
-        let fs = ControlFs::new(Owner::root(0o1777));
-        Arc::new(Agent {
-            fs,
-            dirs: Dirs::default(),
+    /// The core over `backend`, serving the tree `notify` came with (see
+    /// `Notify::new`); `rt` runs the checks of every request (its blocking
+    /// pool bounds how many threads wait on file systems).
+    pub fn new(
+        config: AgentConfig,
+        rt: tokio::runtime::Handle,
+        notify: Notify,
+        backend: Arc<dyn Backend>,
+    ) -> Arc<Agent> {
+        let agent = Arc::new(Agent {
+            fs: notify.fs,
+            dirs: notify.dirs,
             registry: RwLock::new(Registry {
                 ops: HashMap::new(),
                 reserved: HashMap::new(),
@@ -350,17 +364,12 @@ impl Agent {
             }),
             errors: Mutex::new(HashMap::new()),
             checking: Mutex::new(HashMap::new()),
-            backend: OnceLock::new(),
+            backend,
             config,
             rt,
-        })
-    }
-
-    pub fn notify(&self) -> Notify {
-        Notify {
-            fs: self.fs.clone(),
-            dirs: self.dirs.clone(),
-        }
+        });
+        agent.install();
+        agent
     }
 
     pub fn fs(&self) -> &ControlFs {
@@ -368,12 +377,11 @@ impl Agent {
     }
 
     fn backend(&self) -> &Arc<dyn Backend> {
-        self.backend.get().expect("backend installed at start")
+        &self.backend
     }
 
-    /// Installs the backend and the fixed files of the root.
-    pub fn install(self: &Arc<Self>, backend: Arc<dyn Backend>) {
-        let _ = self.backend.set(backend);
+    /// The fixed files of the root and the rmdir hook.
+    fn install(self: &Arc<Self>) {
         let root = NodeId::ROOT;
         let fixed: [(&str, u16, FileKind, Arc<dyn FileOps>); 4] = [
             (

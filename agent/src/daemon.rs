@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::agent::{self, Agent, AgentConfig};
+use crate::agent::{self, Agent, AgentConfig, Notify};
 use crate::flags::{BackendKind, LogFormat, RunArgs};
 use crate::kube;
 use crate::local::{LocalBackend, LocalConfig};
@@ -85,24 +85,39 @@ pub fn run(args: RunArgs) -> Result<(), Error> {
         .enable_time()
         .build()
         .map_err(|e| Error::with("cannot start the request workers", e))?;
-    let agent = Agent::new(
-        AgentConfig {
-            max_ops_per_user: args.max_ops_per_user,
-            retention: args.retention,
-            request_timeout: args.request_timeout,
-        },
-        rt.handle().clone(),
-    );
+    let config = AgentConfig {
+        max_ops_per_user: args.max_ops_per_user,
+        retention: args.retention,
+        request_timeout: args.request_timeout,
+    };
+    let core = Core {
+        config,
+        rt: rt.handle().clone(),
+        notify: Notify::new(),
+    };
     let served = match backend {
-        BackendKind::Local => run_local(&agent, &args, &signals),
-        BackendKind::Kubernetes => run_kube(&agent, &args, &signals),
+        BackendKind::Local => run_local(core, &args, &signals),
+        BackendKind::Kubernetes => run_kube(core, &args, &signals),
     };
     // Checks still stuck on a hung file system must not hold the exit.
     rt.shutdown_background();
     served
 }
 
-fn run_local(agent: &Arc<Agent>, args: &RunArgs, signals: &libc::sigset_t) -> Result<(), Error> {
+/// What the core is made of, before its backend exists.
+struct Core {
+    config: AgentConfig,
+    rt: tokio::runtime::Handle,
+    notify: Notify,
+}
+
+impl Core {
+    fn with(self, backend: Arc<dyn agent::Backend>) -> Arc<Agent> {
+        Agent::new(self.config, self.rt, self.notify, backend)
+    }
+}
+
+fn run_local(core: Core, args: &RunArgs, signals: &libc::sigset_t) -> Result<(), Error> {
     let profiles = match &args.profiles {
         Some(path) => Profiles::load(path)?,
         None => Profiles::builtin(),
@@ -122,9 +137,9 @@ fn run_local(agent: &Arc<Agent>, args: &RunArgs, signals: &libc::sigset_t) -> Re
             profiles,
             store,
         },
-        agent.notify(),
+        core.notify.clone(),
     );
-    agent.install(backend.clone() as Arc<dyn agent::Backend>);
+    let agent = &core.with(backend.clone());
     prepare_mountpoint(&args.mountpoint)?;
     let restored = backend.recover(agent).map_err(|e| {
         Error::with(
@@ -158,7 +173,7 @@ fn run_local(agent: &Arc<Agent>, args: &RunArgs, signals: &libc::sigset_t) -> Re
 
 /// The Kubernetes backend: connect (startup checks, exit 1 on failure), list
 /// what this node created, then serve the same doors as the local backend.
-fn run_kube(agent: &Arc<Agent>, args: &RunArgs, signals: &libc::sigset_t) -> Result<(), Error> {
+fn run_kube(core: Core, args: &RunArgs, signals: &libc::sigset_t) -> Result<(), Error> {
     let k = &args.kube;
     let settings = kube::KubeSettings {
         connection: kube_connect::Connection {
@@ -175,8 +190,8 @@ fn run_kube(agent: &Arc<Agent>, args: &RunArgs, signals: &libc::sigset_t) -> Res
         sys_config: k.sys_config.clone().unwrap_or_else(|| "default".into()),
         timeout: k.kubernetes_timeout.unwrap_or(Duration::from_secs(10)),
     };
-    let backend = kube::KubeBackend::connect(settings, agent.notify())?;
-    agent.install(backend.clone() as Arc<dyn agent::Backend>);
+    let backend = kube::KubeBackend::connect(settings, core.notify.clone())?;
+    let agent = &core.with(backend.clone());
     prepare_mountpoint(&args.mountpoint)?;
     backend.start(agent);
     let restored = agent.list(0).len();
