@@ -528,7 +528,12 @@ impl Agent {
             Input::Text(bytes) => {
                 Request::parse(&bytes).map_err(|e| Rejection::new(Errno::EINVAL, e.0))?
             }
-            Input::Parsed(request) => request,
+            Input::Parsed(request) => {
+                request
+                    .check()
+                    .map_err(|e| Rejection::new(Errno::EINVAL, e.0))?;
+                request
+            }
         };
         if let Some(name) = &request.name {
             crate::request::validate_name(name).map_err(|e| Rejection::new(Errno::EINVAL, e.0))?;

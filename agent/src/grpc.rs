@@ -348,14 +348,9 @@ impl DataMover for Door {
     ) -> Result<Response<DataMovementCreateResponse>, GrpcStatus> {
         let who = requester(&request)?;
         let request = request_of(request.into_inner());
-        // Checked by the control filesystem's own parser (paths, slots, size,
-        // NUL bytes): the same validation and words as a write to `request`.
-        let text = request.render();
-        let input = match Request::parse(text.as_bytes()) {
-            Ok(checked) => Input::Parsed(checked),
-            // Rejected as a write would be, with its line in `errors`.
-            Err(_) => Input::Text(text.into_bytes()),
-        };
+        // Checked by the core with `Request::check`: the same rules and
+        // words as a write to `request`, with its line in `errors`.
+        let input = Input::Parsed(request);
         // Checked on the core's workers; dropped (the client went away), the
         // request is abandoned before anything is created.
         let created = self.agent.create(who, input).await;
