@@ -656,17 +656,22 @@ impl Backend for LocalBackend {
         let native = profile.command.is_none();
         step.set(format!("looking up the groups of uid {}", who.uid));
         let groups = sys::groups_of(who.uid, who.gid);
-        step.set(format!(
-            "checking source '{}' and destination '{}' as uid {}",
-            request.source, request.destination, who.uid
-        ));
+
         let (source, destination) = (
             PathBuf::from(&request.source),
             PathBuf::from(&request.destination),
         );
         // Checked as the user: what they cannot see does not exist for them.
         let probe = sys::as_user(who.uid, who.gid, &groups, || {
+            step.set(format!(
+                "checking source '{}' as uid {}",
+                request.source, who.uid
+            ));
             std::fs::symlink_metadata(&source)?;
+            step.set(format!(
+                "checking destination '{}' as uid {}",
+                request.destination, who.uid
+            ));
             Ok::<_, std::io::Error>(if native {
                 copy_engine::resolve_destination(&source, &destination)
             } else {
