@@ -303,7 +303,10 @@ impl Attempt {
         let reply = self.state.lock().unwrap().reply.take();
         if let Some(reply) = reply {
             if let Err(rejection) = &result {
-                self.agent.reject(&self.who, rejection);
+                // An abandoned request was nobody's mistake: no `errors` line.
+                if rejection.errno != Errno::EINTR {
+                    self.agent.reject(&self.who, rejection);
+                }
             }
             reply.finish(result);
         }
