@@ -2,8 +2,9 @@
 //! (names, limits, ownership, the `errors` file, retention) and the tree of
 //! control files over them.
 
+use std::any::Any;
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use fuse_ctl::{Caller, Content, ControlFs, Errno, FileKind, FileOps, NodeId, Owner, WriteDone};
@@ -39,83 +40,339 @@ pub struct Requester {
     pub pid: u32,
 }
 
+/// The control filesystem's directory of each visible operation, by name:
+/// the FUSE door's own map, so that an `Operation` knows nothing of FUSE.
+#[derive(Clone, Default)]
+struct Dirs(Arc<Mutex<HashMap<String, NodeId>>>);
+
+impl Dirs {
+    fn get(&self, name: &str) -> Option<NodeId> {
+        self.0.lock().unwrap().get(name).copied()
+    }
+
+    fn insert(&self, name: &str, node: NodeId) {
+        self.0.lock().unwrap().insert(name.to_string(), node);
+    }
+
+    fn remove(&self, name: &str) -> Option<NodeId> {
+        self.0.lock().unwrap().remove(name)
+    }
+}
+
 /// Wakes readers of an operation's files after its status changed.
 #[derive(Clone)]
 pub struct Notify {
     fs: ControlFs,
+    dirs: Dirs,
 }
 
 impl Notify {
+    /// The control filesystem the agent will serve, to hand its backend
+    /// before the agent exists.
+    pub fn new() -> Notify {
+        // Like /tmp: everyone may write the request file, and the sticky bit
+        // lets owners (only) rmdir their operations.
+        Notify {
+            fs: ControlFs::new(Owner::root(0o1777)),
+            dirs: Dirs::default(),
+        }
+    }
+
     pub fn changed(&self, op: &Operation) {
-        if let Some(node) = op.node.get() {
-            self.fs.changed(*node);
+        // A late change of an operation already replaced under its name
+        // wakes the new one's readers: they re-read and find nothing new.
+        if let Some(node) = self.dirs.get(&op.name) {
+            self.fs.changed(node);
         }
     }
 }
 
+/// What a backend's `prepare` is doing right now, for the message of a
+/// request that ran past its deadline ("stat of source '/lus/x' as uid 1000").
+#[derive(Default)]
+pub struct Step(Mutex<String>);
+
+impl Step {
+    pub fn set(&self, doing: impl Into<String>) {
+        *self.0.lock().unwrap() = doing.into();
+    }
+
+    fn get(&self) -> String {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// A checked request: the operation to make visible and what the backend
+/// needs to run it. The plan travels with the request, never by name, so
+/// that two writers of one name cannot swap what they prepared.
+pub struct Prepared {
+    pub op: Operation,
+    pub plan: Box<dyn Any + Send>,
+}
+
 /// What executes operations. The core owns names, limits and visibility;
 /// a backend validates what only it can, runs copies and keeps records.
+///
+/// The core never calls `prepare` or `accept` on a door's thread (a FUSE
+/// dispatch thread, a gRPC handler): they run on the core's blocking pool,
+/// and may wait on file systems or the network.
 pub trait Backend: Send + Sync + 'static {
     fn name(&self) -> &'static str;
-    /// Checks the request as `who` and builds the operation (no side effects).
+    /// Checks the request as `who` and builds the operation. Whatever it
+    /// leaves behind (a record) `discard` undoes. `step` says what it is
+    /// doing, for the message should it not finish in time.
     fn prepare(
         &self,
         who: &Requester,
         name: String,
         request: Request,
-    ) -> Result<Operation, Rejection>;
-    /// The operation is registered and visible: record it and run it.
-    fn accept(&self, op: Arc<Operation>) -> Result<(), Rejection>;
+        step: &Step,
+    ) -> Result<Prepared, Rejection>;
+    /// The writer went away or the deadline passed after `prepare`: leave
+    /// nothing of the request behind.
+    fn discard(&self, _op: &Operation, _plan: Box<dyn Any + Send>) {}
+    /// The operation is registered and visible: run it.
+    fn accept(&self, op: Arc<Operation>, plan: Box<dyn Any + Send>) -> Result<(), Rejection>;
     /// Ask for cancellation; a no-op once completed.
     fn cancel(&self, op: &Arc<Operation>);
     /// Forget a completed operation's record.
     fn remove(&self, op: &Operation) -> Result<(), Rejection>;
-    /// Whether `prepare`/`accept` may wait on the network: then a write to
-    /// `request` is handled off the filesystem's dispatch threads.
-    fn blocking(&self) -> bool {
-        false
+    /// How long `prepare` may take before the request fails with ETIMEDOUT.
+    /// A backend with its own, longer timeout (the API server's) may extend
+    /// it, so that its own words (EAGAIN) reach the writer.
+    fn deadline(&self, request_timeout: Duration) -> Duration {
+        request_timeout
     }
 }
 
 pub struct AgentConfig {
     pub max_ops_per_user: usize,
     pub retention: Duration,
+    /// Deadline of the checks of one request (`--request-timeout`).
+    pub request_timeout: Duration,
 }
+
+/// Requests of one user whose deadline passed while their checks still
+/// wait on a file system: past this many, the user's next request fails
+/// with EAGAIN at once instead of tying up one more worker.
+pub const MAX_STUCK_PER_USER: usize = 4;
+/// Requests of one user being checked at once; more fail with EAGAIN.
+pub const MAX_CHECKING_PER_USER: usize = 64;
 
 struct Registry {
     ops: HashMap<String, Arc<Operation>>,
+    /// Names taken by requests still being checked: name → (token, uid).
+    reserved: HashMap<String, (u64, u32)>,
+    /// Operations and reservations of each user (the ENOSPC limit).
     per_user: HashMap<u32, usize>,
+    next_token: u64,
+}
+
+impl Registry {
+    fn in_use(&self, name: &str) -> bool {
+        self.ops.contains_key(name) || self.reserved.contains_key(name)
+    }
+
+    fn release(&mut self, uid: u32) {
+        if let Some(count) = self.per_user.get_mut(&uid) {
+            *count = count.saturating_sub(1);
+        }
+    }
+}
+
+/// A name held for one request until it becomes an operation or its checks
+/// return (even past their deadline: until then its record may still be
+/// written, and the name must not pass to another request).
+struct Reservation {
+    name: String,
+    token: u64,
+}
+
+/// Requests of one user in the core's hands.
+#[derive(Default, Clone, Copy)]
+struct Checking {
+    /// Admitted and not yet returned from the backend.
+    running: usize,
+    /// Of those, past their deadline.
+    stuck: usize,
+}
+
+/// What a door gives the core with a request: how to answer it.
+pub trait Reply: Send + 'static {
+    /// Asked once, just before the operation is committed: `false` means
+    /// the requester is gone (its write was interrupted), so nothing may be
+    /// created.
+    fn claim(&self) -> bool {
+        true
+    }
+    /// Whether the requester already went away (cheap, may be asked often).
+    fn is_gone(&self) -> bool {
+        false
+    }
+    /// The answer, given exactly once (or never, after a `claim` of false).
+    fn finish(self: Box<Self>, result: Result<String, Rejection>);
+}
+
+/// A request as a door received it.
+pub enum Input {
+    /// The bytes of one write to `request`.
+    Text(Vec<u8>),
+    /// Already parsed (the gRPC door).
+    Parsed(Request),
+}
+
+/// One request between its admission and its answer, shared by the task
+/// that keeps its deadline and the worker that checks it.
+struct Attempt {
+    agent: Arc<Agent>,
+    who: Requester,
+    step: Step,
+    state: Mutex<AttemptState>,
+}
+
+struct AttemptState {
+    reply: Option<Box<dyn Reply>>,
+    committed: bool,
+    stuck: bool,
+}
+
+impl Attempt {
+    /// The deadline passed: the writer gets ETIMEDOUT unless the operation
+    /// is already committed (then the worker answers).
+    fn expire(&self, after: Duration) {
+        let mut state = self.state.lock().unwrap();
+        if state.committed {
+            return;
+        }
+        let Some(reply) = state.reply.take() else {
+            return;
+        };
+        state.stuck = true;
+        drop(state);
+        self.agent
+            .checking
+            .lock()
+            .unwrap()
+            .entry(self.who.uid)
+            .or_default()
+            .stuck += 1;
+        let doing = self.step.get();
+        let rejection = Rejection::new(
+            Errno::ETIMEDOUT,
+            format!(
+                "no answer within {}s while {}: its file system does not answer",
+                after.as_secs_f64(),
+                if doing.is_empty() {
+                    "checking the request".to_string()
+                } else {
+                    doing
+                }
+            ),
+        );
+        self.agent.reject(&self.who, &rejection);
+        reply.finish(Err(rejection));
+    }
+
+    /// The last moment to give up: whether the operation may be created.
+    fn commit(&self) -> bool {
+        let mut state = self.state.lock().unwrap();
+        let Some(reply) = state.reply.as_ref() else {
+            return false;
+        };
+        if !reply.claim() {
+            // The writer already got EINTR: no answer is owed.
+            state.reply = None;
+            return false;
+        }
+        state.committed = true;
+        true
+    }
+
+    /// Whether nobody waits for this request any more.
+    fn is_gone(&self) -> bool {
+        self.state
+            .lock()
+            .unwrap()
+            .reply
+            .as_ref()
+            .is_none_or(|reply| reply.is_gone())
+    }
+
+    /// Answers the requester, if it still waits.
+    fn answer(&self, result: Result<String, Rejection>) {
+        let reply = self.state.lock().unwrap().reply.take();
+        if let Some(reply) = reply {
+            if let Err(rejection) = &result {
+                // An abandoned request was nobody's mistake: no `errors` line.
+                if rejection.errno != Errno::EINTR {
+                    self.agent.reject(&self.who, rejection);
+                }
+            }
+            reply.finish(result);
+        }
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        let stuck = self.state.get_mut().unwrap().stuck;
+        let mut checking = self.agent.checking.lock().unwrap();
+        if let Some(c) = checking.get_mut(&self.who.uid) {
+            c.running = c.running.saturating_sub(1);
+            if stuck {
+                c.stuck = c.stuck.saturating_sub(1);
+            }
+            if c.running == 0 {
+                checking.remove(&self.who.uid);
+            }
+        }
+    }
+}
+
+/// A request given up on before its operation was committed.
+fn abandoned() -> Rejection {
+    Rejection::new(Errno::EINTR, "the request was abandoned")
 }
 
 pub struct Agent {
     fs: ControlFs,
+    dirs: Dirs,
     registry: RwLock<Registry>,
     errors: Mutex<HashMap<u32, VecDeque<String>>>,
-    backend: OnceLock<Arc<dyn Backend>>,
+    checking: Mutex<HashMap<u32, Checking>>,
+    backend: Arc<dyn Backend>,
     config: AgentConfig,
+    /// Where requests are checked: never on a door's thread.
+    rt: tokio::runtime::Handle,
 }
 
 impl Agent {
-    pub fn new(config: AgentConfig) -> Arc<Agent> {
-        // Like /tmp: everyone may write the request file, and the sticky bit
-        // lets owners (only) rmdir their operations.
-        let fs = ControlFs::new(Owner::root(0o1777));
-        Arc::new(Agent {
-            fs,
+    /// The core over `backend`, serving the tree `notify` came with (see
+    /// `Notify::new`); `rt` runs the checks of every request (its blocking
+    /// pool bounds how many threads wait on file systems).
+    pub fn new(
+        config: AgentConfig,
+        rt: tokio::runtime::Handle,
+        notify: Notify,
+        backend: Arc<dyn Backend>,
+    ) -> Arc<Agent> {
+        let agent = Arc::new(Agent {
+            fs: notify.fs,
+            dirs: notify.dirs,
             registry: RwLock::new(Registry {
                 ops: HashMap::new(),
+                reserved: HashMap::new(),
                 per_user: HashMap::new(),
+                next_token: 0,
             }),
             errors: Mutex::new(HashMap::new()),
-            backend: OnceLock::new(),
+            checking: Mutex::new(HashMap::new()),
+            backend,
             config,
-        })
-    }
-
-    pub fn notify(&self) -> Notify {
-        Notify {
-            fs: self.fs.clone(),
-        }
+            rt,
+        });
+        agent.install();
+        agent
     }
 
     pub fn fs(&self) -> &ControlFs {
@@ -123,12 +380,11 @@ impl Agent {
     }
 
     fn backend(&self) -> &Arc<dyn Backend> {
-        self.backend.get().expect("backend installed at start")
+        &self.backend
     }
 
-    /// Installs the backend and the fixed files of the root.
-    pub fn install(self: &Arc<Self>, backend: Arc<dyn Backend>) {
-        let _ = self.backend.set(backend);
+    /// The fixed files of the root and the rmdir hook.
+    fn install(self: &Arc<Self>) {
         let root = NodeId::ROOT;
         let fixed: [(&str, u16, FileKind, Arc<dyn FileOps>); 4] = [
             (
@@ -177,22 +433,111 @@ impl Agent {
             }));
     }
 
-    /// Handles one write to `request`: the new operation's name, or why not.
-    /// A rejection is recorded for the `errors` file either way.
-    pub fn create(&self, who: &Requester, bytes: &[u8]) -> Result<String, Rejection> {
-        Request::parse(bytes)
-            .map_err(|e| Rejection::new(Errno::EINVAL, e.0))
-            .and_then(|request| self.create_checked(who, request))
-            .inspect_err(|rejection| self.reject(who, rejection))
+    /// Takes one request from a door and returns at once: the checks run on
+    /// the core's blocking pool under the request's deadline, and `reply`
+    /// gets the new operation's name or why not (also recorded for the
+    /// `errors` file).
+    pub fn start_create(self: &Arc<Self>, who: Requester, input: Input, reply: Box<dyn Reply>) {
+        if let Err(rejection) = self.admit(who.uid) {
+            self.reject(&who, &rejection);
+            return reply.finish(Err(rejection));
+        }
+        let attempt = Arc::new(Attempt {
+            agent: self.clone(),
+            who,
+            step: Step::default(),
+            state: Mutex::new(AttemptState {
+                reply: Some(reply),
+                committed: false,
+                stuck: false,
+            }),
+        });
+        let deadline = self.backend().deadline(self.config.request_timeout);
+        let worker = attempt.clone();
+        let checks = self.rt.spawn_blocking(move || {
+            let result = worker.agent.create_checked(&worker, input);
+            worker.answer(result);
+        });
+        self.rt.spawn(async move {
+            if tokio::time::timeout(deadline, checks).await.is_err() {
+                attempt.expire(deadline);
+            }
+        });
     }
 
-    /// Creates an operation from an already parsed request (the gRPC door).
-    pub fn submit(&self, who: &Requester, request: Request) -> Result<String, Rejection> {
-        self.create_checked(who, request)
-            .inspect_err(|rejection| self.reject(who, rejection))
+    /// Creates an operation and waits for the answer (the gRPC door). The
+    /// request is abandoned if the caller stops waiting.
+    pub async fn create(
+        self: &Arc<Self>,
+        who: Requester,
+        input: Input,
+    ) -> Result<String, Rejection> {
+        struct Channel(tokio::sync::oneshot::Sender<Result<String, Rejection>>);
+        impl Reply for Channel {
+            fn claim(&self) -> bool {
+                !self.0.is_closed()
+            }
+            fn is_gone(&self) -> bool {
+                self.0.is_closed()
+            }
+            fn finish(self: Box<Self>, result: Result<String, Rejection>) {
+                let _ = self.0.send(result);
+            }
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.start_create(who, input, Box::new(Channel(tx)));
+        rx.await.unwrap_or_else(|_| Err(abandoned()))
     }
 
-    fn create_checked(&self, who: &Requester, mut request: Request) -> Result<String, Rejection> {
+    /// Counts a request of `uid` in, or refuses it when too many of theirs
+    /// are still being checked.
+    fn admit(&self, uid: u32) -> Result<(), Rejection> {
+        let mut checking = self.checking.lock().unwrap();
+        let c = checking.entry(uid).or_default();
+        if c.stuck >= MAX_STUCK_PER_USER {
+            return Err(Rejection::new(
+                Errno::EAGAIN,
+                format!(
+                    "{} earlier requests of uid {uid} still wait on file systems that do not answer: try again later",
+                    c.stuck
+                ),
+            ));
+        }
+        if c.running >= MAX_CHECKING_PER_USER {
+            return Err(Rejection::new(
+                Errno::EAGAIN,
+                format!(
+                    "{} requests of uid {uid} are being checked: try again",
+                    c.running
+                ),
+            ));
+        }
+        c.running += 1;
+        Ok(())
+    }
+
+    /// The checks and the creation of one request, on a worker thread.
+    fn create_checked(&self, attempt: &Attempt, input: Input) -> Result<String, Rejection> {
+        let who = &attempt.who;
+        if attempt.is_gone() {
+            // Interrupted or timed out while queued: nothing to do.
+            return Err(abandoned());
+        }
+        #[cfg(debug_assertions)]
+        if std::env::var_os("NNF_DM_TEST_PANIC").is_some_and(|v| v == "request") {
+            panic!("test hook NNF_DM_TEST_PANIC=request");
+        }
+        let mut request = match input {
+            Input::Text(bytes) => {
+                Request::parse(&bytes).map_err(|e| Rejection::new(Errno::EINVAL, e.0))?
+            }
+            Input::Parsed(request) => {
+                request
+                    .check()
+                    .map_err(|e| Rejection::new(Errno::EINVAL, e.0))?;
+                request
+            }
+        };
         if let Some(name) = &request.name {
             crate::request::validate_name(name).map_err(|e| Rejection::new(Errno::EINVAL, e.0))?;
         }
@@ -201,29 +546,106 @@ impl Agent {
             request.workflow = env.0;
             request.namespace = env.1;
         }
-        let name = match &request.name {
-            Some(name) => name.clone(),
-            None => self.generate_name(),
-        };
+        let reservation = self.reserve(who.uid, request.name.clone())?;
+        let name = reservation.name.clone();
+        let prepared = match self
+            .backend()
+            .prepare(who, name.clone(), request, &attempt.step)
         {
-            let registry = self.registry.read().unwrap();
-            if registry.ops.contains_key(&name) {
-                return Err(Rejection::new(
-                    Errno::EEXIST,
-                    format!("name '{name}' is in use"),
-                ));
+            Ok(prepared) => prepared,
+            Err(rejection) => {
+                self.unreserve(who.uid, &reservation);
+                return Err(rejection);
             }
-            self.check_limit(&registry, who.uid)?;
+        };
+        if !attempt.commit() {
+            tracing::info!(op = %name, user = who.uid, "request abandoned by its writer or its deadline: nothing created");
+            self.backend().discard(&prepared.op, prepared.plan);
+            self.unreserve(who.uid, &reservation);
+            return Err(abandoned());
         }
-        let op = Arc::new(self.backend().prepare(who, name.clone(), request)?);
-        self.register(op.clone())?;
-        if let Err(rejection) = self.backend().accept(op.clone()) {
-            // Inside the write callback of `request`: the kernel is told later.
-            self.unregister(&op, false);
+        let op = Arc::new(prepared.op);
+        if let Err(rejection) = self.register_reserved(op.clone(), &reservation) {
+            self.backend().discard(&op, prepared.plan);
+            self.unreserve(who.uid, &reservation);
+            return Err(rejection);
+        }
+        if let Err(rejection) = self.backend().accept(op.clone(), prepared.plan) {
+            // Not in a FUSE callback: the kernel may be told at once.
+            self.unregister(&op, true);
             return Err(rejection);
         }
         tracing::info!(op = %name, user = who.uid, source = %op.request.source, destination = %op.request.destination, "operation created");
         Ok(name)
+    }
+
+    /// Takes `name` (or a generated one) for `uid` before any backend work,
+    /// counting it against the user's limit.
+    fn reserve(&self, uid: u32, name: Option<String>) -> Result<Reservation, Rejection> {
+        let mut registry = self.registry.write().unwrap();
+        let name = match name {
+            Some(name) => {
+                if registry.ops.contains_key(&name) {
+                    return Err(Rejection::new(
+                        Errno::EEXIST,
+                        format!("name '{name}' is in use"),
+                    ));
+                }
+                if registry.reserved.contains_key(&name) {
+                    return Err(Rejection::new(
+                        Errno::EEXIST,
+                        format!("name '{name}' is in use by a request still being checked"),
+                    ));
+                }
+                name
+            }
+            None => loop {
+                let name = generate_name();
+                if !registry.in_use(&name) {
+                    break name;
+                }
+            },
+        };
+        self.check_limit(&registry, uid)?;
+        registry.next_token += 1;
+        let token = registry.next_token;
+        registry.reserved.insert(name.clone(), (token, uid));
+        *registry.per_user.entry(uid).or_default() += 1;
+        Ok(Reservation { name, token })
+    }
+
+    /// Gives a reserved name back (only if it is still this reservation's).
+    fn unreserve(&self, uid: u32, reservation: &Reservation) {
+        let mut registry = self.registry.write().unwrap();
+        if registry.reserved.get(&reservation.name).map(|r| r.0) == Some(reservation.token) {
+            registry.reserved.remove(&reservation.name);
+            registry.release(uid);
+        }
+    }
+
+    /// Turns a reservation into a visible operation.
+    fn register_reserved(
+        &self,
+        op: Arc<Operation>,
+        reservation: &Reservation,
+    ) -> Result<(), Rejection> {
+        let mut registry = self.registry.write().unwrap();
+        if registry.reserved.get(&op.name).map(|r| r.0) != Some(reservation.token) {
+            return Err(Rejection::new(
+                Errno::EIO,
+                format!("the reservation of '{}' was lost", op.name),
+            ));
+        }
+        let node = self.add_op_dir(&op).map_err(|e| {
+            Rejection::new(
+                Errno::EIO,
+                format!("cannot create the directory of '{}': {e:?}", op.name),
+            )
+        })?;
+        self.dirs.insert(&op.name, node);
+        registry.reserved.remove(&op.name);
+        registry.ops.insert(op.name.clone(), op.clone());
+        Ok(())
     }
 
     /// The operation `name` if `uid` may see it (its owner, or root).
@@ -255,9 +677,9 @@ impl Agent {
 
     /// Removes a completed operation, as `rmdir` does (EBUSY until completed).
     pub fn delete(&self, uid: u32, name: &str) -> Result<(), Errno> {
-        let op = self.remove_op(uid, name)?;
-        if let Some(node) = op.node.get() {
-            self.fs.remove_now(*node);
+        let (_, node) = self.remove_op(uid, name)?;
+        if let Some(node) = node {
+            self.fs.remove_now(node);
         }
         Ok(())
     }
@@ -276,10 +698,11 @@ impl Agent {
         Ok(())
     }
 
-    /// Makes an operation visible: registry entry and its directory.
+    /// Makes an operation visible that needs no checks (one restored from
+    /// a record or a resource): registry entry and its directory.
     pub fn register(&self, op: Arc<Operation>) -> Result<(), Rejection> {
         let mut registry = self.registry.write().unwrap();
-        if registry.ops.contains_key(&op.name) {
+        if registry.in_use(&op.name) {
             return Err(Rejection::new(
                 Errno::EEXIST,
                 format!("name '{}' is in use", op.name),
@@ -292,7 +715,7 @@ impl Agent {
                 format!("cannot create the directory of '{}': {e:?}", op.name),
             )
         })?;
-        let _ = op.node.set(node);
+        self.dirs.insert(&op.name, node);
         registry.ops.insert(op.name.clone(), op.clone());
         *registry.per_user.entry(op.uid).or_default() += 1;
         Ok(())
@@ -309,17 +732,23 @@ impl Agent {
     /// allowed from a FUSE callback).
     fn unregister(&self, op: &Operation, now: bool) {
         let mut registry = self.registry.write().unwrap();
-        if registry.ops.remove(&op.name).is_some() {
-            if let Some(count) = registry.per_user.get_mut(&op.uid) {
-                *count = count.saturating_sub(1);
-            }
+        // Only this very operation: its name may have passed to another.
+        if !registry
+            .ops
+            .get(&op.name)
+            .is_some_and(|o| std::ptr::eq(&**o, op))
+        {
+            return;
         }
+        registry.ops.remove(&op.name);
+        registry.release(op.uid);
+        let node = self.dirs.remove(&op.name);
         drop(registry);
-        if let Some(node) = op.node.get() {
+        if let Some(node) = node {
             if now {
-                self.fs.remove_now(*node);
+                self.fs.remove_now(node);
             } else {
-                self.fs.remove(*node);
+                self.fs.remove(node);
             }
         }
     }
@@ -358,22 +787,6 @@ impl Agent {
         Ok(dir)
     }
 
-    fn generate_name(&self) -> String {
-        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-        loop {
-            let mut bytes = [0u8; 8];
-            crate::sys::random_bytes(&mut bytes);
-            let suffix: String = bytes
-                .iter()
-                .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
-                .collect();
-            let name = format!("dm-{suffix}");
-            if !self.registry.read().unwrap().ops.contains_key(&name) {
-                return name;
-            }
-        }
-    }
-
     /// Records a rejection for the `errors` file and the log.
     fn reject(&self, who: &Requester, rejection: &Rejection) {
         let line = format!(
@@ -397,7 +810,9 @@ impl Agent {
     }
 
     /// Forgets a completed operation everywhere but in the filesystem tree.
-    fn remove_op(&self, uid: u32, name: &str) -> Result<Arc<Operation>, Errno> {
+    /// Returns the operation and its directory, which the caller removes
+    /// (the rmdir hook: the library does).
+    fn remove_op(&self, uid: u32, name: &str) -> Result<(Arc<Operation>, Option<NodeId>), Errno> {
         let op = self
             .registry
             .read()
@@ -417,12 +832,15 @@ impl Agent {
             return Err(rejection.errno);
         }
         let mut registry = self.registry.write().unwrap();
-        registry.ops.remove(name);
-        if let Some(count) = registry.per_user.get_mut(&op.uid) {
-            *count = count.saturating_sub(1);
+        let mut node = None;
+        if registry.ops.get(name).is_some_and(|o| Arc::ptr_eq(o, &op)) {
+            registry.ops.remove(name);
+            registry.release(op.uid);
+            node = self.dirs.remove(name);
         }
+        drop(registry);
         tracing::info!(op = %name, user = uid, "operation removed");
-        Ok(op)
+        Ok((op, node))
     }
 
     /// Removes completed operations older than the retention period.
@@ -453,6 +871,18 @@ impl Agent {
     }
 }
 
+/// A fresh name for a request that gave none.
+fn generate_name() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut bytes = [0u8; 8];
+    crate::sys::random_bytes(&mut bytes);
+    let suffix: String = bytes
+        .iter()
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect();
+    format!("dm-{suffix}")
+}
+
 /// The errno's symbolic name, as the `errors` file shows it.
 pub fn errno_name(errno: Errno) -> &'static str {
     match errno.code() {
@@ -464,6 +894,8 @@ pub fn errno_name(errno: Errno) -> &'static str {
         libc::EAGAIN => "EAGAIN",
         libc::EACCES => "EACCES",
         libc::EBUSY => "EBUSY",
+        libc::ETIMEDOUT => "ETIMEDOUT",
+        libc::EINTR => "EINTR",
         _ => "EIO",
     }
 }
@@ -491,39 +923,29 @@ impl FileOps for RequestFile {
             gid: caller.gid,
             pid: caller.pid,
         };
-        if !agent.backend().blocking() {
-            return finish_create(agent.create(&who, data), done);
-        }
-        // The backend waits on the network: never on a dispatch thread. The
-        // write stays unanswered (the writer blocked) until the backend is
-        // done or its own timeout passed.
-        static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        use std::sync::atomic::Ordering::AcqRel;
-        if IN_FLIGHT.fetch_add(1, AcqRel) >= MAX_CREATES_IN_FLIGHT {
-            IN_FLIGHT.fetch_sub(1, AcqRel);
-            let rejection = Rejection::new(
-                Errno::EAGAIN,
-                format!("{MAX_CREATES_IN_FLIGHT} requests are already being created: try again"),
-            );
-            agent.reject(&who, &rejection);
-            return finish_create(Err(rejection), done);
-        }
-        let data = data.to_vec();
-        let spawned = std::thread::Builder::new()
-            .name("create".into())
-            .spawn(move || {
-                finish_create(agent.create(&who, &data), done);
-                IN_FLIGHT.fetch_sub(1, AcqRel);
-            });
-        if spawned.is_err() {
-            IN_FLIGHT.fetch_sub(1, AcqRel);
-            // `done` went down with the closure: the write fails with EIO.
-        }
+        // The write stays unanswered (the writer waits, interruptibly) while
+        // the core checks the request elsewhere: this dispatch thread is free
+        // for everyone else's reads and writes at once.
+        agent.start_create(who, Input::Text(data.to_vec()), Box::new(WriteReply(done)));
     }
 }
 
-/// Requests a blocking backend works on at once; more fail with EAGAIN.
-const MAX_CREATES_IN_FLIGHT: usize = 256;
+/// The answer to one write of `request`.
+struct WriteReply(WriteDone);
+
+impl Reply for WriteReply {
+    fn claim(&self) -> bool {
+        self.0.claim()
+    }
+
+    fn is_gone(&self) -> bool {
+        self.0.is_interrupted()
+    }
+
+    fn finish(self: Box<Self>, result: Result<String, Rejection>) {
+        finish_create(result, self.0);
+    }
+}
 
 fn finish_create(result: Result<String, Rejection>, done: WriteDone) {
     match result {

@@ -31,7 +31,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request as GrpcRequest, Response, Status as GrpcStatus};
 
-use crate::agent::{Agent, Rejection, Requester};
+use crate::agent::{Agent, Input, Rejection, Requester};
 use crate::op::{Operation, Outcome, State};
 use crate::request::{Request, MAX_REQUEST_BYTES};
 use crate::timefmt::{go_duration, rfc3339};
@@ -348,18 +348,12 @@ impl DataMover for Door {
     ) -> Result<Response<DataMovementCreateResponse>, GrpcStatus> {
         let who = requester(&request)?;
         let request = request_of(request.into_inner());
-        let agent = self.agent.clone();
-        // Checked by the control filesystem's own parser (paths, slots, size,
-        // NUL bytes): the same validation and words as a write to `request`.
-        let created = blocking(move || {
-            let text = request.render();
-            match Request::parse(text.as_bytes()) {
-                Ok(checked) => agent.submit(&who, checked),
-                // Rejected as a write would be, with its line in `errors`.
-                Err(_) => agent.create(&who, text.as_bytes()),
-            }
-        })
-        .await?;
+        // Checked by the core with `Request::check`: the same rules and
+        // words as a write to `request`, with its line in `errors`.
+        let input = Input::Parsed(request);
+        // Checked on the core's workers; dropped (the client went away), the
+        // request is abandoned before anything is created.
+        let created = self.agent.create(who, input).await;
         let response = match created {
             Ok(name) => DataMovementCreateResponse {
                 uid: name,

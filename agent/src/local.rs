@@ -1,6 +1,7 @@
 //! The local backend: copies on this node, as the requesting user, in child
 //! processes the kernel holds to that user's permissions.
 
+use std::any::Any;
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader, PipeReader};
 
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use fuse_ctl::Errno;
 
-use crate::agent::{Agent, Backend, Notify, Rejection, Requester};
+use crate::agent::{Agent, Backend, Notify, Prepared, Rejection, Requester, Step};
 use crate::op::{Counters, Operation, Outcome, State, Status};
 use crate::profiles::{Profile, Profiles};
 use crate::request::Request;
@@ -636,7 +637,8 @@ impl Backend for LocalBackend {
         who: &Requester,
         name: String,
         mut request: Request,
-    ) -> Result<Operation, Rejection> {
+        step: &Step,
+    ) -> Result<Prepared, Rejection> {
         let profile = self
             .profiles
             .get(request.profile.as_deref())
@@ -652,14 +654,24 @@ impl Backend for LocalBackend {
         request.profile = Some(profile.name.clone());
         request.name = Some(name.clone());
         let native = profile.command.is_none();
+        step.set(format!("looking up the groups of uid {}", who.uid));
         let groups = sys::groups_of(who.uid, who.gid);
+
         let (source, destination) = (
             PathBuf::from(&request.source),
             PathBuf::from(&request.destination),
         );
         // Checked as the user: what they cannot see does not exist for them.
         let probe = sys::as_user(who.uid, who.gid, &groups, || {
+            step.set(format!(
+                "checking source '{}' as uid {}",
+                request.source, who.uid
+            ));
             std::fs::symlink_metadata(&source)?;
+            step.set(format!(
+                "checking destination '{}' as uid {}",
+                request.destination, who.uid
+            ));
             Ok::<_, std::io::Error>(if native {
                 copy_engine::resolve_destination(&source, &destination)
             } else {
@@ -681,23 +693,31 @@ impl Backend for LocalBackend {
                 ),
             )
         })?;
-        Ok(Operation::new(
-            name,
-            who.uid,
-            who.gid,
-            request,
-            target,
-            Status::default(),
-        ))
-    }
-
-    fn accept(&self, op: Arc<Operation>) -> Result<(), Rejection> {
+        let op = Operation::new(name, who.uid, who.gid, request, target, Status::default());
+        step.set(format!(
+            "writing the record of '{}' to the state directory",
+            op.name
+        ));
         self.persist(&op, None).map_err(|e| {
             Rejection::new(
                 Errno::EIO,
                 format!("cannot record the operation in the state directory: {e}"),
             )
         })?;
+        Ok(Prepared {
+            op,
+            plan: Box::new(()),
+        })
+    }
+
+    fn discard(&self, op: &Operation, _plan: Box<dyn Any + Send>) {
+        let _records = self.records.lock().unwrap();
+        if let Err(e) = self.store.delete(&op.name) {
+            tracing::error!(op = %op.name, user = op.uid, "cannot delete the record of an abandoned request: {e}");
+        }
+    }
+
+    fn accept(&self, op: Arc<Operation>, _plan: Box<dyn Any + Send>) -> Result<(), Rejection> {
         self.enqueue(op);
         Ok(())
     }

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -215,8 +215,6 @@ pub struct Operation {
     pub cancel_requested: AtomicBool,
     /// Set once removed, so that no late update records it again.
     pub removed: AtomicBool,
-    /// Its directory in the control filesystem, once visible.
-    pub node: OnceLock<fuse_ctl::NodeId>,
     /// Carries the generation to async waiters (the gRPC door).
     changes: tokio::sync::watch::Sender<u64>,
 }
@@ -241,7 +239,6 @@ impl Operation {
             generation: AtomicU64::new(1),
             cancel_requested: AtomicBool::new(false),
             removed: AtomicBool::new(false),
-            node: OnceLock::new(),
             changes: tokio::sync::watch::Sender::new(1),
         }
     }

@@ -245,6 +245,45 @@ impl Request {
         Ok(req)
     }
 
+    /// Checks a request that arrived typed (the gRPC door) exactly as
+    /// `parse` checks its text form, with the same words: the size of that
+    /// text, NUL bytes, then each field in the contract's order.
+    pub fn check(&self) -> Result<(), ParseError> {
+        let size = self.render().len();
+        if size > MAX_REQUEST_BYTES {
+            return err(format!(
+                "request is {size} bytes, over the {MAX_REQUEST_BYTES}-byte limit"
+            ));
+        }
+        let texts = [
+            self.name.as_deref().unwrap_or(""),
+            &self.source,
+            &self.destination,
+            self.workflow.as_deref().unwrap_or(""),
+            self.namespace.as_deref().unwrap_or(""),
+            self.profile.as_deref().unwrap_or(""),
+            &self.dcp_options,
+            &self.mpirun_options,
+        ];
+        if texts.iter().any(|t| t.contains('\0')) {
+            return err("request contains a NUL byte");
+        }
+        if let Some(name) = &self.name {
+            validate_name(name)?;
+        }
+        validate_path("source", &self.source)?;
+        validate_path("destination", &self.destination)?;
+        if self.profile.as_deref() == Some("") {
+            return err("profile is empty");
+        }
+        for (key, value) in [("slots", self.slots), ("max_slots", self.max_slots)] {
+            if value < -1 {
+                return err(format!("{key}: '{value}' is not an integer >= -1"));
+            }
+        }
+        Ok(())
+    }
+
     /// The normalised form: one `key=value` a line, in the contract's order.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -311,6 +350,65 @@ pub fn quote(value: &str) -> String {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn typed_requests_are_checked_as_their_text_would_be() {
+        let ok = Request {
+            source: "/a".into(),
+            destination: "/b c".into(),
+            dcp_options: "--x \"y\"".into(),
+            slots: -1,
+            max_slots: 3,
+            ..Request::default()
+        };
+        let cases = [
+            ok.clone(),
+            Request {
+                source: "rel".into(),
+                ..ok.clone()
+            },
+            Request {
+                source: String::new(),
+                ..ok.clone()
+            },
+            Request {
+                destination: String::new(),
+                ..ok.clone()
+            },
+            Request {
+                slots: -2,
+                ..ok.clone()
+            },
+            Request {
+                max_slots: -7,
+                ..ok.clone()
+            },
+            Request {
+                mpirun_options: "a\0b".into(),
+                ..ok.clone()
+            },
+            Request {
+                name: Some("README".into()),
+                ..ok.clone()
+            },
+            Request {
+                name: Some("-x".into()),
+                ..ok.clone()
+            },
+            Request {
+                profile: Some(String::new()),
+                ..ok.clone()
+            },
+            Request {
+                dcp_options: "x".repeat(MAX_REQUEST_BYTES),
+                ..ok.clone()
+            },
+        ];
+        for request in cases {
+            let text = Request::parse(request.render().as_bytes()).map(drop);
+            assert_eq!(request.check(), text, "{request:?}");
+        }
+    }
 
     #[test]
     fn parses_the_readme_example() {

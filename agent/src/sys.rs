@@ -23,15 +23,24 @@ pub fn groups_of(uid: u32, gid: u32) -> Vec<libc::gid_t> {
     // for a minute rather than parse them on every request.
     type Cache = std::collections::HashMap<(u32, u32), (std::time::Instant, Vec<libc::gid_t>)>;
     static CACHE: std::sync::Mutex<Option<Cache>> = std::sync::Mutex::new(None);
-    let mut cache = CACHE.lock().unwrap();
-    let cache = cache.get_or_insert_with(Cache::new);
-    if let Some((at, groups)) = cache.get(&(uid, gid)) {
+    if let Some((at, groups)) = CACHE
+        .lock()
+        .unwrap()
+        .get_or_insert_with(Cache::new)
+        .get(&(uid, gid))
+    {
         if at.elapsed() < std::time::Duration::from_secs(60) {
             return groups.clone();
         }
     }
+    // Not under the lock: a directory service that does not answer holds
+    // only this lookup, not every user's.
     let groups = lookup_groups(uid, gid);
-    cache.insert((uid, gid), (std::time::Instant::now(), groups.clone()));
+    CACHE
+        .lock()
+        .unwrap()
+        .get_or_insert_with(Cache::new)
+        .insert((uid, gid), (std::time::Instant::now(), groups.clone()));
     groups
 }
 

@@ -1,0 +1,377 @@
+//! Creation: the Rabbit lookup at startup and the checks, lookups and
+//! resource body of one request (steps 1–9 of the mapping).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuse_ctl::Errno;
+use kube::api::{Api, DynamicObject, ListParams};
+use serde_json::{json, Value};
+
+use crate::agent::{Rejection, Requester};
+use crate::request::Request;
+
+use super::api::*;
+use super::mapping::*;
+
+/// A request checked by `prepare`, created by `accept`.
+pub(super) struct Pending {
+    pub(super) namespace: String,
+    pub(super) body: Value,
+}
+
+/// Step 1 of the mapping: the Rabbit that serves `node`.
+pub(super) async fn find_rabbit(
+    client: &kube::Client,
+    sys_config: &str,
+    node: &str,
+    timeout: Duration,
+) -> Result<String, String> {
+    let ar = resource(
+        DWS,
+        DWS_VERSION,
+        "SystemConfiguration",
+        "systemconfigurations",
+    );
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &ar);
+    let what = format!(
+        "looking up this node's Rabbit in SystemConfiguration default/{sys_config} (give --nnf-node-name to skip)"
+    );
+    let obj = match tokio::time::timeout(timeout, api.get(sys_config)).await {
+        Err(_) => {
+            return Err(format!(
+                "{what}: no answer from the Kubernetes API server within {timeout:?}"
+            ))
+        }
+        Ok(Err(e)) if not_found(&e) => {
+            return Err(format!(
+                "{what}: SystemConfiguration not found (--sys-config)"
+            ))
+        }
+        Ok(Err(e)) => return Err(format!("{what}: {e}")),
+        Ok(Ok(obj)) => obj,
+    };
+    let nodes = obj.data["spec"]["storageNodes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for storage in nodes {
+        let serves = storage["computesAccess"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["name"] == node));
+        if serves {
+            let kind = storage["type"].as_str().unwrap_or("");
+            if kind != "Rabbit" {
+                return Err(format!(
+                    "{what}: the storage node serving {node} is of type '{kind}', not 'Rabbit'"
+                ));
+            }
+            return storage["name"]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| format!("{what}: storage node without a name"));
+        }
+    }
+    Err(format!(
+        "{what}: no storage node lists {node} in computesAccess (--node-name)"
+    ))
+}
+
+/// Steps 2–9 of the mapping: the checks and lookups, and the resource body.
+pub(super) async fn build(
+    ctx: Arc<Ctx>,
+    who: Requester,
+    name: String,
+    mut request: Request,
+) -> Result<(Request, Pending), Rejection> {
+    let (Some(workflow), Some(wf_ns)) = (request.workflow.clone(), request.namespace.clone())
+    else {
+        return Err(Rejection::new(
+            Errno::EINVAL,
+            "no workflow: give workflow= and namespace= (or run with DW_WORKFLOW_NAME and DW_WORKFLOW_NAMESPACE set)",
+        ));
+    };
+    request.name = Some(name.clone());
+
+    // 2. The workflow, in a state that allows copies.
+    let workflows = ctx.api(
+        &resource(DWS, DWS_VERSION, "Workflow", "workflows"),
+        Some(&wf_ns),
+    );
+    let wf = match workflows.get(&workflow).await {
+        Ok(wf) => wf,
+        Err(e) if not_found(&e) => {
+            return Err(Rejection::new(
+                Errno::ENOENT,
+                format!("workflow {wf_ns}/{workflow} not found"),
+            ))
+        }
+        Err(e) => {
+            return Err(api_rejection(
+                &format!("reading workflow {wf_ns}/{workflow}"),
+                &e,
+            ))
+        }
+    };
+    let state = wf.data["status"]["state"].as_str().unwrap_or("");
+    let status = wf.data["status"]["status"].as_str().unwrap_or("");
+    if state != "PreRun" || status != "Completed" {
+        return Err(Rejection::new(
+            Errno::EPERM,
+            format!(
+                "workflow {wf_ns}/{workflow} is in state {}/{}: copies are allowed only in PreRun/Completed",
+                if state.is_empty() { "-" } else { state },
+                if status.is_empty() { "-" } else { status }
+            ),
+        ));
+    }
+    let wf_uid = wf.metadata.uid.clone().unwrap_or_default();
+
+    // 3. The compute mount holding the source.
+    let cm_resource = resource(DWS, DWS_VERSION, "ClientMount", "clientmounts");
+    let selector = format!("{WORKFLOW_NAME_LABEL}={workflow},{WORKFLOW_NAMESPACE_LABEL}={wf_ns}");
+    let list_mounts = |ns: String| {
+        let api = ctx.api(&cm_resource, Some(&ns));
+        let lp = ListParams::default().labels(&selector);
+        async move {
+            let list = api.list(&lp).await.map_err(|e| {
+                api_rejection(&format!("listing the ClientMounts in namespace {ns}"), &e)
+            })?;
+            let mut mounts = Vec::new();
+            for item in list.items {
+                let value = serde_json::to_value(&item).unwrap_or(Value::Null);
+                match serde_json::from_value::<nnf_api::ClientMount>(value) {
+                    Ok(cm) => mounts.push(cm),
+                    Err(e) => tracing::warn!(
+                        "ignoring ClientMount {ns}/{}: {e}",
+                        item.metadata.name.unwrap_or_default()
+                    ),
+                }
+            }
+            Ok::<_, Rejection>(mounts)
+        }
+    };
+    let compute_mounts = list_mounts(ctx.node.clone()).await?;
+    let Some((compute_cm, compute, rest)) = compute_mount(&compute_mounts, &request.source) else {
+        return Err(Rejection::new(
+            Errno::ENOENT,
+            format!(
+                "no mount of workflow {wf_ns}/{workflow} on node {} holds {}",
+                ctx.node, request.source
+            ),
+        ));
+    };
+    let mount_type = compute.mount_type;
+    let lustre = match mount_type {
+        nnf_api::ClientMountType::Lustre => true,
+        nnf_api::ClientMountType::Gfs2 => false,
+        other => {
+            return Err(Rejection::new(
+                Errno::EINVAL,
+                format!(
+                    "filesystem not supported: '{}' ({} is on {})",
+                    other.as_str(),
+                    request.source,
+                    compute.mount_path
+                ),
+            ))
+        }
+    };
+    let device_ref = compute.device.device_reference.clone();
+    if device_ref.is_none() && !lustre {
+        return Err(Rejection::new(
+            Errno::EIO,
+            format!(
+                "ClientMount {}: the mount {} has no device.deviceReference",
+                compute_cm.metadata.key(),
+                compute.mount_path
+            ),
+        ));
+    }
+    let directive_index = compute_cm
+        .metadata
+        .label(DIRECTIVE_INDEX_LABEL)
+        .map(str::to_string);
+    let compute_key = compute_cm.metadata.key();
+    let rest = rest.to_string();
+
+    // 4. The same storage as the Rabbit mounts it.
+    let rabbit_source = match &device_ref {
+        Some(reference) => {
+            let rabbit_mounts = list_mounts(ctx.rabbit.clone()).await?;
+            let found = rabbit_mounts
+                .iter()
+                .flat_map(|cm| cm.spec.mounts.iter())
+                .find(|m| m.device.device_reference.as_ref() == Some(reference));
+            match found {
+                Some(m) => rabbit_path(&m.mount_path, &rest),
+                None => {
+                    return Err(Rejection::new(
+                        Errno::ENOENT,
+                        format!(
+                            "no mount of workflow {wf_ns}/{workflow} on Rabbit {} matches the device of {}",
+                            ctx.rabbit, compute.mount_path
+                        ),
+                    ))
+                }
+            }
+        }
+        // A Lustre mount without a reference: the same global namespace.
+        None => request.source.clone(),
+    };
+    let mut source = json!({"path": rabbit_source});
+    if let Some(reference) = &device_ref {
+        source["storageReference"] =
+            serde_json::to_value(&reference.object_reference).unwrap_or(Value::Null);
+    }
+
+    // 5. By mount type.
+    let mut labels = serde_json::Map::new();
+    labels.insert(INITIATOR_LABEL.into(), json!(ctx.node));
+    let mut destination = json!({"path": request.destination});
+    let (namespace, generate_name) = if lustre {
+        let Some(index) = directive_index else {
+            return Err(Rejection::new(
+                Errno::EIO,
+                format!("ClientMount {compute_key} has no label {DIRECTIVE_INDEX_LABEL}"),
+            ));
+        };
+        labels.insert(DIRECTIVE_INDEX_LABEL.into(), json!(index));
+        let filesystems = ctx.api(
+            &resource(
+                "lus.cray.hpe.com",
+                "v1beta1",
+                "LustreFileSystem",
+                "lustrefilesystems",
+            ),
+            None,
+        );
+        let list = filesystems
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| api_rejection("listing the LustreFileSystems", &e))?;
+        let fs = list.items.iter().find(|fs| {
+            fs.data["spec"]["mountRoot"]
+                .as_str()
+                .is_some_and(|root| below(root, &request.destination).is_some())
+        });
+        let Some(fs) = fs else {
+            return Err(Rejection::new(
+                Errno::ENOENT,
+                format!(
+                    "no LustreFileSystem's mountRoot holds the destination {}",
+                    request.destination
+                ),
+            ));
+        };
+        destination["storageReference"] = json!({
+            "kind": "LustreFileSystem",
+            "namespace": fs.metadata.namespace.clone().unwrap_or_default(),
+            "name": fs.metadata.name.clone().unwrap_or_default(),
+        });
+        (DM_NAMESPACE.to_string(), "nnf-dm-")
+    } else {
+        (ctx.rabbit.clone(), "nnf-dm-node-")
+    };
+
+    // 6. The profile.
+    let profiles = ctx.api(
+        &resource(
+            DM_GROUP,
+            DM_VERSION,
+            "NnfDataMovementProfile",
+            "nnfdatamovementprofiles",
+        ),
+        Some(PROFILE_NAMESPACE),
+    );
+    let profile = match &request.profile {
+        Some(wanted) => match profiles.get(wanted).await {
+            Ok(p) => p.metadata.name.unwrap_or_else(|| wanted.clone()),
+            Err(e) if not_found(&e) => {
+                return Err(Rejection::new(
+                    Errno::ENOENT,
+                    format!("data-movement profile '{wanted}' not found in {PROFILE_NAMESPACE}"),
+                ))
+            }
+            Err(e) => return Err(api_rejection("reading the data-movement profile", &e)),
+        },
+        None => {
+            let list = profiles
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| api_rejection("listing the data-movement profiles", &e))?;
+            let defaults: Vec<String> = list
+                .items
+                .iter()
+                .filter(|p| p.data["data"]["default"] == true)
+                .filter_map(|p| p.metadata.name.clone())
+                .collect();
+            match defaults.as_slice() {
+                [one] => one.clone(),
+                [] => {
+                    return Err(Rejection::new(
+                        Errno::EIO,
+                        format!("no default NnfDataMovementProfile in {PROFILE_NAMESPACE}: name one with profile="),
+                    ))
+                }
+                several => {
+                    return Err(Rejection::new(
+                        Errno::EIO,
+                        format!(
+                            "several default NnfDataMovementProfiles in {PROFILE_NAMESPACE} ({}): name one with profile=",
+                            several.join(", ")
+                        ),
+                    ))
+                }
+            }
+        }
+    };
+    request.profile = Some(profile.clone());
+
+    // 8. Labels for teardown.
+    for (key, value) in [
+        (WORKFLOW_NAME_LABEL, workflow.as_str()),
+        (WORKFLOW_NAMESPACE_LABEL, wf_ns.as_str()),
+        (WORKFLOW_UID_LABEL, wf_uid.as_str()),
+        (OWNER_KIND_LABEL, "Workflow"),
+        (OWNER_NAME_LABEL, workflow.as_str()),
+        (OWNER_NAMESPACE_LABEL, wf_ns.as_str()),
+        (OWNER_UID_LABEL, wf_uid.as_str()),
+        (TEARDOWN_LABEL, "PostRun"),
+    ] {
+        labels.insert(key.into(), json!(value));
+    }
+    let note = OperationNote {
+        name,
+        uid: who.uid,
+        gid: who.gid,
+        request: request.clone(),
+    };
+    let body = json!({
+        "apiVersion": format!("{DM_GROUP}/{DM_VERSION}"),
+        "kind": "NnfDataMovement",
+        "metadata": {
+            "generateName": generate_name,
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": {
+                OPERATION_ANNOTATION: serde_json::to_string(&note).unwrap_or_default(),
+            },
+        },
+        "spec": {
+            "source": source,
+            "destination": destination,
+            // 7. Identity.
+            "userId": who.uid,
+            "groupId": who.gid,
+            "profileReference": {
+                "kind": "NnfDataMovementProfile",
+                "name": profile,
+                "namespace": PROFILE_NAMESPACE,
+            },
+            // 9. User options.
+            "userConfig": user_config(&request),
+        },
+    });
+    Ok((request, Pending { namespace, body }))
+}

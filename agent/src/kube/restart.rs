@@ -1,0 +1,131 @@
+//! Listing again after a restart: resources of ours that no operation
+//! tracks yet, and operations whose resource went while we did not watch.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kube::api::DynamicObject;
+use kube::runtime::reflector::Store;
+
+use crate::op::{Operation, Status};
+use crate::request::Request;
+
+use super::api::*;
+use super::mapping::*;
+use super::track::Tracked;
+use super::KubeBackend;
+
+impl KubeBackend {
+    /// A resource of ours we do not track yet: one being created right now
+    /// (its creation's answer not yet seen), or one created before a restart.
+    /// Returns whether it is tracked now.
+    pub(super) fn adopt(&self, ns: &str, obj: &DynamicObject) -> bool {
+        let Some(agent) = self.agent() else {
+            return false;
+        };
+        let res = obj.metadata.name.clone().unwrap_or_default();
+        let note = note_of(obj);
+        let existing = agent.lookup(0, &note.name);
+        let op = match existing {
+            Some(op) if op.uid == note.uid => {
+                // Ours, in creation: `accept` will find it tracked.
+                op
+            }
+            Some(_) => {
+                tracing::warn!(resource = %format!("{ns}/{res}"), op = %note.name, "an operation of another user has this name: not listed");
+                return false;
+            }
+            None => {
+                let op = Arc::new(Operation::new(
+                    note.name.clone(),
+                    note.uid,
+                    note.gid,
+                    note.request.clone(),
+                    PathBuf::from(&note.request.destination),
+                    Status::default(),
+                ));
+                if let Err(rejection) = agent.register(op.clone()) {
+                    tracing::warn!(resource = %format!("{ns}/{res}"), op = %note.name, "cannot list the operation again: {}", rejection.reason);
+                    return false;
+                }
+                tracing::info!(resource = %format!("{ns}/{res}"), op = %note.name, user = note.uid, "operation listed again");
+                op
+            }
+        };
+        let mut tracking = self.tracking.lock().unwrap();
+        if !tracking.ops.contains_key(&op.name) {
+            tracking.insert(Tracked {
+                op,
+                namespace: ns.to_string(),
+                resource: res,
+                message: String::new(),
+                deletable: false,
+            });
+        }
+        true
+    }
+
+    /// After a (re-)list: an operation whose resource is not in the list was
+    /// deleted while we did not watch. Confirmed with a GET before it goes
+    /// (it may have been created after the list).
+    pub(super) fn resync(&self, ns: &str, store: &Store<DynamicObject>) {
+        let listed: HashSet<String> = store
+            .state()
+            .iter()
+            .filter_map(|o| o.metadata.name.clone())
+            .collect();
+        let missing: Vec<String> = self
+            .tracking
+            .lock()
+            .unwrap()
+            .ops
+            .values()
+            .filter(|t| t.namespace == ns && !listed.contains(&t.resource))
+            .map(|t| t.resource.clone())
+            .collect();
+        for res in missing {
+            let Some(me) = self.me.upgrade() else { return };
+            let ns = ns.to_string();
+            self.rt.spawn(async move {
+                if let Err(e) = me.ctx.dms(&ns).get(&res).await {
+                    if not_found(&e) {
+                        let mut gone = DynamicObject::new(&res, &dm_resource());
+                        gone.metadata.namespace = Some(ns.clone());
+                        me.deleted(&ns, &gone);
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// The operation a resource stands for: its annotation, or (a resource made
+/// by an older daemon) its own name and `spec.userId/groupId`.
+pub(super) fn note_of(obj: &DynamicObject) -> OperationNote {
+    if let Some(note) = obj
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(OPERATION_ANNOTATION))
+        .and_then(|text| serde_json::from_str::<OperationNote>(text).ok())
+    {
+        return note;
+    }
+    let spec = &obj.data["spec"];
+    let id = |key: &str| spec[key].as_u64().unwrap_or(0) as u32;
+    let name = obj.metadata.name.clone().unwrap_or_default();
+    OperationNote {
+        name: name.clone(),
+        uid: id("userId"),
+        gid: id("groupId"),
+        request: Request {
+            name: Some(name),
+            source: spec["source"]["path"].as_str().unwrap_or("").into(),
+            destination: spec["destination"]["path"].as_str().unwrap_or("").into(),
+            slots: -1,
+            max_slots: -1,
+            ..Default::default()
+        },
+    }
+}

@@ -1,0 +1,57 @@
+//! The NNF data-movement agent as a library: the `nnf-dm` binary is
+//! `run(parse())`. How the parts fit: ARCHITECTURE.md.
+
+mod agent;
+mod cli;
+mod daemon;
+mod environ;
+mod flags;
+mod grpc;
+mod kube;
+mod local;
+mod op;
+mod profiles;
+mod request;
+mod store;
+mod sys;
+mod timefmt;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+pub use daemon::Error;
+pub use flags::{parse, Cli};
+
+use flags::Cmd;
+
+/// Runs what the command line asks: the agent, a service command, a user
+/// command, or a copy worker.
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Some(Cmd::Service(cmd)) => daemon_svc::execute::<Cli>(&daemon_svc::NNF_DM, cmd),
+        Some(Cmd::User(cmd)) => cli::run(&cli.mount, cmd),
+        Some(Cmd::CopyWorker {
+            workers,
+            source,
+            target,
+        }) => {
+            let code =
+                copy_engine::run_worker(&source, &target, workers, Duration::from_millis(250));
+            ExitCode::from(code.clamp(0, 255) as u8)
+        }
+        None => match daemon::run(cli.run) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                // Once, with every cause: the log goes to the same stderr.
+                let mut line = format!("nnf-dm: {e}");
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    line.push_str(&format!(": {c}"));
+                    cause = c.source();
+                }
+                eprintln!("{line}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
