@@ -541,8 +541,10 @@ fn different_paths_mount_concurrently_same_path_never_overlaps() {
 #[test]
 fn startup_checks_name_the_flag() {
     let w = World::new("knode5");
-    let nl = w.p("nl.token");
-    fs::write(&nl, format!("{}\n", w.server.token(CLIENTMOUNT))).unwrap();
+    // A trailing newline is trimmed (as client-go does); an empty file is
+    // refused at startup.
+    let nl = w.p("empty.token");
+    fs::write(&nl, "\n").unwrap();
     let port = w.server.port().to_string();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
@@ -567,7 +569,7 @@ fn startup_checks_name_the_flag() {
                 "--service-token-file",
                 nl.to_str().unwrap(),
             ],
-            "newline",
+            "empty",
         ),
     ];
     for (args, want) in cases {

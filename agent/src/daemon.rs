@@ -254,7 +254,7 @@ fn serve(
     let _grpc = if args.socket.as_os_str().is_empty() {
         None
     } else {
-        Some(crate::grpc::start(agent.clone(), &args.socket)?)
+        Some(crate::grpc::start(agent.clone(), &args.socket, backend)?)
     };
 
     let mounted = agent.fs().mount(&args.mountpoint, "nnf-dm").map_err(|e| {

@@ -102,7 +102,8 @@ pub struct KubeArgs {
     /// Kubernetes API server port.
     #[arg(long, env = "KUBERNETES_SERVICE_PORT")]
     pub kubernetes_service_port: Option<String>,
-    /// File holding the service account's bearer token (no trailing newline).
+    /// File holding the service account's bearer token (surrounding
+    /// whitespace is trimmed; read again when it changes).
     #[arg(long, env = "NNF_DATA_MOVEMENT_SERVICE_TOKEN_FILE")]
     pub service_token_file: Option<PathBuf>,
     /// PEM file of the CA that signed the API server's certificate.
@@ -117,10 +118,12 @@ pub struct KubeArgs {
     /// SystemConfiguration to look the Rabbit up in [default: default].
     #[arg(long)]
     pub sys_config: Option<String>,
-    /// Client-side limit on API requests per second [default: 50].
+    /// Client-side limit on API requests per second, for each resource kind
+    /// on its own (as upstream's controller-runtime client) [default: 50].
     #[arg(long)]
     pub kubernetes_qps: Option<f64>,
-    /// Client-side burst of API requests above the rate [default: 100].
+    /// Client-side burst of API requests above the rate, for each resource
+    /// kind on its own [default: 100].
     #[arg(long)]
     pub kubernetes_burst: Option<u32>,
     /// kubeconfig to use when no host/port is given (else in-cluster config).

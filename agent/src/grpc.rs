@@ -64,7 +64,7 @@ impl Drop for GrpcServer {
 }
 
 /// Binds `socket` (removing a stale one), then serves on a background thread.
-pub fn start(agent: Arc<Agent>, socket: &Path) -> Result<GrpcServer, String> {
+pub fn start(agent: Arc<Agent>, socket: &Path, backend: &str) -> Result<GrpcServer, String> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(64)
@@ -79,7 +79,10 @@ pub fn start(agent: Arc<Agent>, socket: &Path) -> Result<GrpcServer, String> {
             .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?
     };
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-    let service = DataMoverServer::new(Door { agent })
+    let service = DataMoverServer::new(Door {
+        agent,
+        kubernetes: backend == "kubernetes",
+    })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(4 * 1024 * 1024);
     let shown = socket.display().to_string();
@@ -182,6 +185,8 @@ impl tokio_stream::Stream for Incoming {
 /// The DataMover service over the agent.
 struct Door {
     agent: Arc<Agent>,
+    /// Not-found answers of the Kubernetes backend are FAILED (upstream).
+    kubernetes: bool,
 }
 
 /// The caller, from the connection's peer credentials.
@@ -240,8 +245,12 @@ fn request_of(message: DataMovementCreateRequest) -> Request {
 }
 
 /// INVALID for what the caller got wrong, FAILED for what the backend refused.
-fn create_status(rejection: &Rejection) -> create_response::Status {
+/// The Kubernetes backend's ENOENT (workflow, ClientMount holding `source`,
+/// LustreFileSystem or profile not found) is FAILED, as upstream's `Create`
+/// answers (server_default.go), with the reason in `message`.
+fn create_status(rejection: &Rejection, kubernetes: bool) -> create_response::Status {
     match rejection.errno.code() {
+        libc::ENOENT if kubernetes => create_response::Status::Failed,
         libc::EINVAL | libc::ENOENT | libc::ENOSPC | libc::EEXIST => {
             create_response::Status::Invalid
         }
@@ -362,7 +371,7 @@ impl DataMover for Door {
             },
             Err(rejection) => DataMovementCreateResponse {
                 uid: String::new(),
-                status: create_status(&rejection) as i32,
+                status: create_status(&rejection, self.kubernetes) as i32,
                 message: rejection.reason,
             },
         };
@@ -593,7 +602,14 @@ mod tests {
             (Errno::EIO, create_response::Status::Failed),
             (Errno::EPERM, create_response::Status::Failed),
         ] {
-            assert_eq!(create_status(&Rejection::new(errno, "x")), status);
+            assert_eq!(create_status(&Rejection::new(errno, "x"), false), status);
+        }
+        for (errno, status) in [
+            (Errno::ENOENT, create_response::Status::Failed),
+            (Errno::EINVAL, create_response::Status::Invalid),
+            (Errno::EPERM, create_response::Status::Failed),
+        ] {
+            assert_eq!(create_status(&Rejection::new(errno, "x"), true), status);
         }
     }
 }

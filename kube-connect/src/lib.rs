@@ -22,13 +22,15 @@
 //! ```
 
 mod ratelimit;
+mod token;
 
 use std::path::{Path, PathBuf};
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
-pub use ratelimit::{RateLimitLayer, RateLimitService};
+pub use ratelimit::{kind_of, RateLimitLayer, RateLimitService};
+pub use token::{TokenFileLayer, TokenFileService};
 
 /// Kubernetes connection settings of a daemon. Every field is what the
 /// daemon's flag (or its environment default) gave; `None` = not given.
@@ -38,17 +40,19 @@ pub struct Connection {
     pub host: Option<String>,
     /// `--kubernetes-service-port`
     pub port: Option<String>,
-    /// `--service-token-file`: bearer token, no trailing newline.
+    /// `--service-token-file`: bearer token; surrounding whitespace (a
+    /// trailing newline) is trimmed, as client-go does.
     pub token_file: Option<PathBuf>,
     /// `--service-cert-file`: PEM CA bundle of the API server.
     pub cert_file: Option<PathBuf>,
     /// `--kubeconfig` (used only without host and port).
     pub kubeconfig: Option<PathBuf>,
-    /// `--kubernetes-qps`: sustained client-side request rate; `None` = no
+    /// `--kubernetes-qps`: sustained client-side request rate of each
+    /// resource kind (as upstream's controller-runtime client); `None` = no
     /// limit.
     pub qps: Option<f64>,
-    /// `--kubernetes-burst`: requests allowed at once above `qps` (default:
-    /// `qps` rounded up).
+    /// `--kubernetes-burst`: requests of one kind allowed at once above
+    /// `qps` (default: `qps` rounded up).
     pub burst: Option<u32>,
 }
 
@@ -114,10 +118,9 @@ impl Connection {
     }
 
     /// The startup checks, in the spec's order: host or port missing; token
-    /// file not given; token file unreadable (or empty, or ending in
-    /// whitespace: kube sends the file's bytes as they are, so a trailing
-    /// newline makes every request fail with 401 much later); cert file not
-    /// given; cert file not a valid PEM CA. Without host, port, token and
+    /// file not given; token file unreadable (or empty once trimmed, or
+    /// holding whitespace inside); cert file not given; cert file not a
+    /// valid PEM CA. Without host, port, token and
     /// cert: only that `--kubeconfig`, if given, is readable.
     pub fn check(&self) -> Result<(), ConnectError> {
         if let Some(r) = self.rate() {
@@ -182,8 +185,9 @@ impl Connection {
         }
     }
 
-    /// The `kube::Config` these settings describe (runs [`check`](Self::check)).
-    pub async fn config(&self) -> Result<kube::Config, ConnectError> {
+    /// The `kube::Config` these settings describe (runs [`check`](Self::check)),
+    /// without the explicit mode's token, which [`client`](Self::client) adds.
+    async fn config(&self) -> Result<kube::Config, ConnectError> {
         self.check()?;
         if self.explicit() {
             let url = self.url();
@@ -193,13 +197,10 @@ impl Connection {
                         url: url.clone(),
                         why: e.to_string(),
                     })?;
+            // No token here: `client` sets it from the file, trimmed and
+            // re-read as it rotates (`token.rs`); kube's own `token_file`
+            // would send a trailing newline as part of the token.
             let mut config = kube::Config::new(uri);
-            // The path, not the token: kube re-reads the file (about once a
-            // minute), so a rotated service-account token is picked up.
-            config.auth_info.token_file = self
-                .token_file
-                .as_ref()
-                .map(|p| absolute(p).to_string_lossy().into_owned());
             let cert = self.cert_file.as_ref().expect("checked");
             config.root_cert = Some(read_ca(cert)?);
             return Ok(config);
@@ -234,6 +235,12 @@ impl Connection {
         let config = self.config().await?;
         let builder =
             kube::client::ClientBuilder::try_from(config).map_err(ConnectError::Client)?;
+        let token = self
+            .token_file
+            .as_ref()
+            .filter(|_| self.explicit())
+            .map(|p| TokenFileLayer::new(absolute(p)));
+        let builder = builder.with_layer(&tower::util::option_layer(token));
         Ok(match self.rate() {
             Some(r) => {
                 let (qps, burst) = r?;
@@ -270,25 +277,10 @@ fn check_token(path: &Path) -> Result<(), ConnectError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let content = |why: &str| ConnectError::TokenFileContent {
+    token::parse_token(&bytes).map_err(|why| ConnectError::TokenFileContent {
         path: path.to_path_buf(),
         why: why.to_string(),
-    };
-    if bytes.is_empty() {
-        return Err(content("file is empty"));
-    }
-    if bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
-        return Err(content(
-            "token ends with a newline or whitespace; the client sends the file as it is, so \
-             every request would be refused (401): write the token without it (e.g. `printf %s`)",
-        ));
-    }
-    if bytes.first().is_some_and(|b| b.is_ascii_whitespace()) {
-        return Err(content("token starts with whitespace"));
-    }
-    if std::str::from_utf8(&bytes).is_err() {
-        return Err(content("token is not UTF-8 text"));
-    }
+    })?;
     Ok(())
 }
 

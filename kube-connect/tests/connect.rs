@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::Api;
 use kube_connect::{ConnectError, Connection};
-use kube_testserver::{Config, TestServer, CLIENTMOUNT};
+use kube_testserver::{Config, TestServer, ADMIN, CLIENTMOUNT};
 use serde_json::json;
 
 fn clientmount_resource() -> ApiResource {
@@ -120,16 +120,15 @@ fn check_reports_each_problem_in_the_spec_order() {
         |e| matches!(e, ConnectError::TokenFileUnreadable { .. }),
         &["--service-token-file", "nope.token", "cannot read"],
     );
-    // 3b. token content kube would send as is: trailing newline, empty
-    expect_err(
-        &Connection {
-            token_file: Some(newline.clone()),
-            cert_file: Some(good_ca.clone()),
-            ..base.clone()
-        },
-        |e| matches!(e, ConnectError::TokenFileContent { .. }),
-        &["--service-token-file", "nl.token", "newline"],
-    );
+    // 3b. token content: a trailing newline is trimmed (client-go does);
+    // empty is refused.
+    Connection {
+        token_file: Some(newline.clone()),
+        cert_file: Some(good_ca.clone()),
+        ..base.clone()
+    }
+    .check()
+    .expect("a token file ending in a newline is fine");
     expect_err(
         &Connection {
             token_file: Some(empty),
@@ -316,4 +315,107 @@ async fn qps_and_burst_limit_every_clone() {
         "{max_per_second} requests in one second (limit 20/s, burst 5)"
     );
     eprintln!("45 GETs in {elapsed:?}, at most {max_per_second} in any 1 s window");
+}
+
+/// A token file written with a trailing newline works (trimmed as client-go
+/// does), and the file is read again as it rotates: a wrong token is
+/// refused at once, another account's token is used at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_file_is_trimmed_and_read_again_as_it_rotates() {
+    let server = TestServer::start(Config::default());
+    seed_clientmount(&server, "node1", "cm1");
+    let tmp = tempfile::tempdir().unwrap();
+    let token = write(
+        tmp.path(),
+        "service.token",
+        format!("{}\n", server.token(CLIENTMOUNT)).as_bytes(),
+    );
+    let client = Connection {
+        token_file: Some(token.clone()),
+        ..conn(&server)
+    }
+    .client()
+    .await
+    .expect("client with a newline-terminated token");
+    let api: Api<DynamicObject> = Api::namespaced_with(client, "node1", &clientmount_resource());
+    api.get("cm1").await.expect("get with the trimmed token");
+    let last_account = || server.requests().last().and_then(|r| r.account.clone());
+    assert_eq!(last_account().as_deref(), Some(CLIENTMOUNT));
+
+    // Rotated to something the server does not know: 401 on the next call.
+    let tmp_file = tmp.path().join("service.token.new");
+    fs::write(&tmp_file, "not-a-token\n").unwrap();
+    fs::rename(&tmp_file, &token).unwrap();
+    let refused = api.get("cm1").await.expect_err("a wrong token is refused");
+    assert!(
+        matches!(&refused, kube::Error::Api(s) if s.code == 401),
+        "{refused:?}"
+    );
+
+    // Rotated in place (same inode) to another account's token, with
+    // surrounding whitespace: used by the next call.
+    fs::write(&token, format!("  {}\r\n", server.token(ADMIN))).unwrap();
+    api.get("cm1").await.expect("get with the rotated token");
+    assert_eq!(last_account().as_deref(), Some(ADMIN));
+}
+
+/// The limit is per resource kind, as upstream's controller-runtime client
+/// (one REST client and token bucket per GroupVersionKind): with qps 5 and
+/// burst 5, five GETs of ClientMounts empty their bucket, and a GET of
+/// another kind then goes at once while the next ClientMount GET waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_resource_kind_has_its_own_bucket() {
+    let server = TestServer::start(Config::default());
+    seed_clientmount(&server, "node1", "cm1");
+    let client = Connection {
+        qps: Some(5.0),
+        burst: Some(5),
+        token_file: Some(server.token_file(ADMIN)),
+        ..conn(&server)
+    }
+    .client()
+    .await
+    .expect("client");
+    let mounts: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "node1", &clientmount_resource());
+    for _ in 0..5 {
+        mounts.get("cm1").await.expect("get within the burst");
+    }
+    // The ClientMount bucket is empty now: its next GET waits about 200 ms
+    // for a token, and a Workflow list, in its own bucket, does not wait
+    // behind it.
+    let workflows: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "default",
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("dataworkflowservices.github.io", "v1alpha7", "Workflow"),
+            "workflows",
+        ),
+    );
+    server.clear_requests();
+    let waiting = tokio::spawn(async move { mounts.get("cm1").await.map(drop) });
+    workflows
+        .list(&Default::default())
+        .await
+        .expect("list workflows");
+    let order: Vec<String> = server
+        .requests()
+        .iter()
+        .filter_map(|r| r.resource.clone())
+        .collect();
+    assert_eq!(
+        order.first().map(String::as_str),
+        Some("workflows"),
+        "{order:?}"
+    );
+    waiting
+        .await
+        .unwrap()
+        .expect("the ClientMount GET goes once its token is there");
+    let order: Vec<String> = server
+        .requests()
+        .iter()
+        .filter_map(|r| r.resource.clone())
+        .collect();
+    assert_eq!(order, ["workflows", "clientmounts"]);
 }

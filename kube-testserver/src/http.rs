@@ -369,6 +369,15 @@ fn take_fault(shared: &Shared, verb: &str, resource: &str) -> Option<u16> {
     Some(code)
 }
 
+fn take_name_collision(shared: &Shared) -> bool {
+    let mut f = shared.faults.lock().unwrap_or_else(|e| e.into_inner());
+    if f.name_collisions == 0 {
+        return false;
+    }
+    f.name_collisions -= 1;
+    true
+}
+
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let time = SystemTime::now();
@@ -554,6 +563,18 @@ async fn dispatch(
                 Ok(v) => v,
                 Err(e) => return error_response(&e),
             };
+            if let Some(prefix) = obj["metadata"]["generateName"].as_str() {
+                if obj["metadata"]["name"].as_str().is_none_or(str::is_empty)
+                    && take_name_collision(shared)
+                {
+                    let name = format!("{prefix}{}", crate::util::generate_name_suffix());
+                    return error_response(&ApiError::generate_name_conflict(
+                        &def.group,
+                        &def.plural,
+                        &name,
+                    ));
+                }
+            }
             written(shared.create(t.res, &t.version, &ns, obj, &opts, Mode::Main))
         }
         "update" => {

@@ -33,7 +33,7 @@ pub use util::ApiError;
 use rbac::Account;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::Value;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
@@ -575,6 +575,38 @@ impl TestServer {
 
     pub fn clear_requests(&self) {
         lock(&self.shared.log).clear();
+    }
+
+    /// Requests so far (since the last [`clear_requests`](Self::clear_requests)),
+    /// counted by `(verb, resource)`, e.g. `("list", "clientmounts")`; a
+    /// request that never reached a resource counts as `("", path)`.
+    pub fn request_counts(&self) -> BTreeMap<(String, String), usize> {
+        let mut counts = BTreeMap::new();
+        for r in lock(&self.shared.log).iter() {
+            let key = match (&r.verb, &r.resource) {
+                (Some(v), Some(res)) => (v.clone(), res.clone()),
+                _ => (String::new(), r.path.clone()),
+            };
+            *counts.entry(key).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// How many requests of `verb` on `resource` (plural, `x/status` for
+    /// the subresource) arrived since the last `clear_requests`.
+    pub fn request_count(&self, verb: &str, resource: &str) -> usize {
+        lock(&self.shared.log)
+            .iter()
+            .filter(|r| r.verb.as_deref() == Some(verb) && r.resource.as_deref() == Some(resource))
+            .count()
+    }
+
+    /// The next `n` creates that give `generateName` (and no name) are
+    /// answered as the real server answers when it could not find a free
+    /// name: 409 AlreadyExists, "the server was not able to generate a
+    /// unique name for the object".
+    pub fn collide_next_generated_names(&self, n: usize) {
+        lock(&self.shared.faults).name_collisions += n;
     }
 
     /// Down: open connections (watches included) are closed and new ones are

@@ -59,6 +59,8 @@ pub(crate) struct FailRule {
 pub(crate) struct Faults {
     pub latency: Duration,
     pub fails: Vec<FailRule>,
+    /// Creates with `generateName` still to answer as a name collision.
+    pub name_collisions: usize,
 }
 
 pub(crate) struct Shared {

@@ -222,6 +222,21 @@ impl ApiError {
         )
     }
 
+    /// What the real server answers when every name it generated for a
+    /// `generateName` create was taken (apimachinery's
+    /// `NewGenerateNameConflict`, retry after 1 s).
+    pub(crate) fn generate_name_conflict(group: &str, plural: &str, name: &str) -> Self {
+        Self::with_details(
+            409,
+            "AlreadyExists",
+            format!(
+                "{} \"{name}\" already exists, the server was not able to generate a unique name for the object",
+                qualified(plural, group)
+            ),
+            json!({"name": name, "group": group, "kind": plural, "retryAfterSeconds": 1}),
+        )
+    }
+
     pub(crate) fn conflict(group: &str, plural: &str, name: &str, why: &str) -> Self {
         Self::with_details(
             409,

@@ -1,13 +1,40 @@
 //! The API plumbing every part shares: resource descriptions, the client
 //! context, and how API failures become rejections.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use fuse_ctl::Errno;
+use futures::StreamExt;
 use kube::api::{Api, DynamicObject};
 use kube::core::ApiResource;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
 
 use crate::agent::Rejection;
 
+use super::cache::Flight;
 use super::mapping::*;
+
+/// How long a Workflow read serves later creates. A workflow leaves PreRun
+/// when the workload manager moves it on (its job's compute phase ended, or
+/// it is being torn down); a copy requested within this time after that is
+/// still created, as one requested just before would have been (upstream
+/// reads the Workflow and creates in two steps too, with the same race).
+/// Its NnfDataMovement carries the teardown label, so the PostRun teardown
+/// still finds and removes it. After this time every create sees the new
+/// state and is refused.
+pub(super) const WORKFLOW_TTL: Duration = Duration::from_secs(1);
+
+/// How long a ClientMount list serves later creates of the same workflow
+/// (keyed by the workflow's uid, so a workflow deleted and made again with
+/// the same name never sees the old one's mounts). ClientMounts are created
+/// at the workflow's Setup and deleted at its Teardown; copies are allowed
+/// only in PreRun, between the two, where the list does not change.
+pub(super) const MOUNTS_TTL: Duration = Duration::from_secs(10);
+
+/// (namespace, workflow namespace, workflow, workflow uid).
+pub(super) type MountsKey = (String, String, String, String);
 
 pub(super) fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
     ApiResource {
@@ -31,6 +58,12 @@ pub(super) struct Ctx {
     pub(super) client: kube::Client,
     pub(super) node: String,
     pub(super) rabbit: String,
+    /// Every LustreFileSystem, from a watch.
+    pub(super) lustre: Store<DynamicObject>,
+    /// Every NnfDataMovementProfile in `nnf-system`, from a watch.
+    pub(super) profiles: Store<DynamicObject>,
+    pub(super) workflows: Flight<(String, String), Arc<DynamicObject>>,
+    pub(super) mounts: Flight<MountsKey, Arc<Vec<nnf_api::ClientMount>>>,
 }
 
 impl Ctx {
@@ -86,4 +119,45 @@ pub(super) fn transient(e: &kube::Error) -> bool {
         kube::Error::SerdeError(_) | kube::Error::BuildRequest(_) => false,
         _ => true,
     }
+}
+
+/// A store of every object of `ar` (in `namespace`, or in all), kept
+/// current by a watch that the runtime runs for the life of the agent.
+pub(super) fn mirror(
+    rt: &tokio::runtime::Runtime,
+    client: &kube::Client,
+    ar: ApiResource,
+    namespace: Option<&str>,
+    what: &'static str,
+) -> Store<DynamicObject> {
+    let api: Api<DynamicObject> = match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+        None => Api::all_with(client.clone(), &ar),
+    };
+    let writer = reflector::store::Writer::<DynamicObject>::new(ar);
+    let reader = writer.as_reader();
+    rt.spawn(async move {
+        let stream = reflector::reflector(
+            writer,
+            watcher::watcher(api, watcher::Config::default()).default_backoff(),
+        );
+        let mut stream = std::pin::pin!(stream);
+        let mut failing = false;
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(_) if failing => {
+                    failing = false;
+                    tracing::info!("watch of the {what} resumed");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!("watch of the {what} failed (retrying): {e}");
+                    }
+                    failing = true;
+                }
+            }
+        }
+    });
+    reader
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use fuse_ctl::Errno;
 use kube::api::{Api, DynamicObject, ListParams};
+use kube::runtime::reflector::Store;
 use serde_json::{json, Value};
 
 use crate::agent::{Rejection, Requester};
@@ -77,6 +78,18 @@ pub(super) async fn find_rabbit(
     ))
 }
 
+/// The objects of a watched kind, once its watch listed them (waiting for
+/// that is bounded by the caller's timeout).
+async fn synced(
+    store: &Store<DynamicObject>,
+    what: &str,
+) -> Result<Vec<Arc<DynamicObject>>, Rejection> {
+    store.wait_until_ready().await.map_err(|_| {
+        Rejection::new(Errno::EIO, format!("the watch of the {what} ended"))
+    })?;
+    Ok(store.state())
+}
+
 /// Steps 2–9 of the mapping: the checks and lookups, and the resource body.
 pub(super) async fn build(
     ctx: Arc<Ctx>,
@@ -94,25 +107,31 @@ pub(super) async fn build(
     request.name = Some(name.clone());
 
     // 2. The workflow, in a state that allows copies.
-    let workflows = ctx.api(
-        &resource(DWS, DWS_VERSION, "Workflow", "workflows"),
-        Some(&wf_ns),
-    );
-    let wf = match workflows.get(&workflow).await {
-        Ok(wf) => wf,
-        Err(e) if not_found(&e) => {
-            return Err(Rejection::new(
-                Errno::ENOENT,
-                format!("workflow {wf_ns}/{workflow} not found"),
-            ))
-        }
-        Err(e) => {
-            return Err(api_rejection(
-                &format!("reading workflow {wf_ns}/{workflow}"),
-                &e,
-            ))
-        }
-    };
+    // Shared with concurrent creates and kept for WORKFLOW_TTL: a copy is
+    // refused at most that long after its workflow left PreRun.
+    let wf = ctx
+        .workflows
+        .get((wf_ns.clone(), workflow.clone()), || {
+            let workflows = ctx.api(
+                &resource(DWS, DWS_VERSION, "Workflow", "workflows"),
+                Some(&wf_ns),
+            );
+            let (wf_ns, workflow) = (wf_ns.clone(), workflow.clone());
+            async move {
+                match workflows.get(&workflow).await {
+                    Ok(wf) => Ok(Arc::new(wf)),
+                    Err(e) if not_found(&e) => Err(Rejection::new(
+                        Errno::ENOENT,
+                        format!("workflow {wf_ns}/{workflow} not found"),
+                    )),
+                    Err(e) => Err(api_rejection(
+                        &format!("reading workflow {wf_ns}/{workflow}"),
+                        &e,
+                    )),
+                }
+            }
+        })
+        .await?;
     let state = wf.data["status"]["state"].as_str().unwrap_or("");
     let status = wf.data["status"]["status"].as_str().unwrap_or("");
     if state != "PreRun" || status != "Completed" {
@@ -130,10 +149,13 @@ pub(super) async fn build(
     // 3. The compute mount holding the source.
     let cm_resource = resource(DWS, DWS_VERSION, "ClientMount", "clientmounts");
     let selector = format!("{WORKFLOW_NAME_LABEL}={workflow},{WORKFLOW_NAMESPACE_LABEL}={wf_ns}");
+    // Shared and kept for MOUNTS_TTL, by workflow uid: ClientMounts change
+    // only at the workflow's Setup and Teardown, outside PreRun.
     let list_mounts = |ns: String| {
         let api = ctx.api(&cm_resource, Some(&ns));
         let lp = ListParams::default().labels(&selector);
-        async move {
+        let key = (ns.clone(), wf_ns.clone(), workflow.clone(), wf_uid.clone());
+        ctx.mounts.get(key, move || async move {
             let list = api.list(&lp).await.map_err(|e| {
                 api_rejection(&format!("listing the ClientMounts in namespace {ns}"), &e)
             })?;
@@ -148,8 +170,8 @@ pub(super) async fn build(
                     ),
                 }
             }
-            Ok::<_, Rejection>(mounts)
-        }
+            Ok::<_, Rejection>(Arc::new(mounts))
+        })
     };
     let compute_mounts = list_mounts(ctx.node.clone()).await?;
     let Some((compute_cm, compute, rest)) = compute_mount(&compute_mounts, &request.source) else {
@@ -237,20 +259,8 @@ pub(super) async fn build(
             ));
         };
         labels.insert(DIRECTIVE_INDEX_LABEL.into(), json!(index));
-        let filesystems = ctx.api(
-            &resource(
-                "lus.cray.hpe.com",
-                "v1beta1",
-                "LustreFileSystem",
-                "lustrefilesystems",
-            ),
-            None,
-        );
-        let list = filesystems
-            .list(&ListParams::default())
-            .await
-            .map_err(|e| api_rejection("listing the LustreFileSystems", &e))?;
-        let fs = list.items.iter().find(|fs| {
+        let list = synced(&ctx.lustre, "LustreFileSystems").await?;
+        let fs = list.iter().find(|fs| {
             fs.data["spec"]["mountRoot"]
                 .as_str()
                 .is_some_and(|root| below(root, &request.destination).is_some())
@@ -275,33 +285,22 @@ pub(super) async fn build(
     };
 
     // 6. The profile.
-    let profiles = ctx.api(
-        &resource(
-            DM_GROUP,
-            DM_VERSION,
-            "NnfDataMovementProfile",
-            "nnfdatamovementprofiles",
-        ),
-        Some(PROFILE_NAMESPACE),
-    );
+    let profiles = synced(&ctx.profiles, "NnfDataMovementProfiles").await?;
     let profile = match &request.profile {
-        Some(wanted) => match profiles.get(wanted).await {
-            Ok(p) => p.metadata.name.unwrap_or_else(|| wanted.clone()),
-            Err(e) if not_found(&e) => {
+        Some(wanted) => match profiles
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some(wanted.as_str()))
+        {
+            Some(_) => wanted.clone(),
+            None => {
                 return Err(Rejection::new(
                     Errno::ENOENT,
                     format!("data-movement profile '{wanted}' not found in {PROFILE_NAMESPACE}"),
                 ))
             }
-            Err(e) => return Err(api_rejection("reading the data-movement profile", &e)),
         },
         None => {
-            let list = profiles
-                .list(&ListParams::default())
-                .await
-                .map_err(|e| api_rejection("listing the data-movement profiles", &e))?;
-            let defaults: Vec<String> = list
-                .items
+            let defaults: Vec<String> = profiles
                 .iter()
                 .filter(|p| p.data["data"]["default"] == true)
                 .filter_map(|p| p.metadata.name.clone())

@@ -42,7 +42,8 @@ pub struct OperationNote {
 
 /// The part of `source` below `mount` when `mount` is `source` or one of its
 /// ancestors, compared by whole path components (`/mnt/a` holds `/mnt/a/x`
-/// but not `/mnt/ab/x`). The result is empty or starts with `/`.
+/// but not `/mnt/ab/x`). The result is empty or starts with `/`, and keeps
+/// a trailing slash of `source`.
 pub fn below<'a>(mount: &str, source: &'a str) -> Option<&'a str> {
     let mount = mount.trim_end_matches('/');
     if mount.is_empty() {
@@ -50,9 +51,11 @@ pub fn below<'a>(mount: &str, source: &'a str) -> Option<&'a str> {
         return source.starts_with('/').then_some(source);
     }
     let rest = source.strip_prefix(mount)?;
-    (rest.is_empty() || rest.starts_with('/'))
-        .then_some(rest.trim_end_matches('/'))
-        .map(|r| if r.is_empty() { "" } else { r })
+    // A trailing slash stays: upstream sends `mountPath +
+    // strings.TrimPrefix(source, computeMountPath)` (server_default.go
+    // `findRabbitRelativeSource`), and the Rabbit's copy lays out its
+    // destination by it.
+    (rest.is_empty() || rest.starts_with('/')).then_some(rest)
 }
 
 /// The compute mount holding `source`: the longest matching `mountPath`
@@ -331,6 +334,10 @@ mod tests {
         assert_eq!(below("/mnt/nnf/a", "/mnt/nnf/a"), Some(""));
         assert_eq!(below("/mnt/nnf/a", "/mnt/nnf/ab/x"), None);
         assert_eq!(below("/mnt/nnf/a", "/mnt/nnf"), None);
+        assert_eq!(below("/mnt/nnf/a", "/mnt/nnf/a/x/"), Some("/x/"));
+        assert_eq!(below("/mnt/nnf/a", "/mnt/nnf/a/"), Some("/"));
+        assert_eq!(rabbit_path("/rabbit/m", "/"), "/rabbit/m/");
+        assert_eq!(rabbit_path("/rabbit/m/", "/x/"), "/rabbit/m/x/");
         assert_eq!(rabbit_path("/rabbit/m/", "/x"), "/rabbit/m/x");
         assert_eq!(rabbit_path("/rabbit/m", ""), "/rabbit/m");
     }

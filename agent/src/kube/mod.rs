@@ -11,6 +11,7 @@
 //! creates in, so reads never touch the API server.
 
 mod api;
+mod cache;
 mod create;
 mod mapping;
 mod restart;
@@ -24,7 +25,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use fuse_ctl::Errno;
-use kube::api::{DynamicObject, PostParams};
+use kube::api::DynamicObject;
 
 use crate::agent::{Agent, Backend, Notify, Prepared, Rejection, Requester, Step};
 use crate::op::{Operation, Status};
@@ -32,7 +33,7 @@ use crate::request::Request;
 
 use api::*;
 use create::{build, find_rabbit, Pending};
-use mapping::DM_NAMESPACE;
+use mapping::{DM_GROUP, DM_NAMESPACE, DM_VERSION, PROFILE_NAMESPACE};
 use track::{Tracked, Tracking};
 
 /// What `main` gathers from the flags.
@@ -85,13 +86,40 @@ impl KubeBackend {
             ))?,
         };
         tracing::info!(node = %settings.node, rabbit = %rabbit, "kubernetes backend connected");
+        let ctx = Arc::new(Ctx {
+            lustre: mirror(
+                &rt,
+                &client,
+                resource(
+                    "lus.cray.hpe.com",
+                    "v1beta1",
+                    "LustreFileSystem",
+                    "lustrefilesystems",
+                ),
+                None,
+                "LustreFileSystems",
+            ),
+            profiles: mirror(
+                &rt,
+                &client,
+                resource(
+                    DM_GROUP,
+                    DM_VERSION,
+                    "NnfDataMovementProfile",
+                    "nnfdatamovementprofiles",
+                ),
+                Some(PROFILE_NAMESPACE),
+                "NnfDataMovementProfiles",
+            ),
+            workflows: cache::Flight::new(WORKFLOW_TTL),
+            mounts: cache::Flight::new(MOUNTS_TTL),
+            client,
+            node: settings.node,
+            rabbit,
+        });
         Ok(Arc::new_cyclic(|me| KubeBackend {
             rt,
-            ctx: Arc::new(Ctx {
-                client,
-                node: settings.node,
-                rabbit,
-            }),
+            ctx,
             timeout: settings.timeout,
             notify,
             agent: OnceLock::new(),
@@ -216,8 +244,7 @@ impl Backend for KubeBackend {
         self.rt.spawn(async move {
             let api = me.ctx.dms(&ns);
             let result = match serde_json::from_value::<DynamicObject>(pending.body) {
-                Ok(obj) => api
-                    .create(&PostParams::default(), &obj)
+                Ok(obj) => retry::create_with_fresh_name(&api, &obj)
                     .await
                     .map_err(|e| api_rejection("creating the NnfDataMovement", &e)),
                 Err(e) => Err(Rejection::new(

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 use crate::op::Operation;
@@ -76,5 +76,37 @@ impl KubeBackend {
                 }
             }
         });
+    }
+}
+
+/// Tries of a create whose generated name was taken.
+const NAME_TRIES: usize = 5;
+
+/// Creates `obj`; when the server could not find a free name for its
+/// `generateName` (409 AlreadyExists, "the server was not able to generate
+/// a unique name for the object": nothing was created), asks again, which
+/// draws a new name. Upstream fails such a create.
+pub(super) async fn create_with_fresh_name(
+    api: &Api<DynamicObject>,
+    obj: &DynamicObject,
+) -> Result<DynamicObject, kube::Error> {
+    let mut tries = 1;
+    loop {
+        match api.create(&PostParams::default(), obj).await {
+            Err(kube::Error::Api(s))
+                if s.code == 409
+                    && s.reason == "AlreadyExists"
+                    && obj.metadata.name.is_none()
+                    && obj.metadata.generate_name.is_some()
+                    && tries < NAME_TRIES =>
+            {
+                tracing::info!(
+                    "generated name taken ({}): creating again with a new one",
+                    s.message
+                );
+                tries += 1;
+            }
+            other => return other,
+        }
     }
 }
