@@ -694,6 +694,8 @@ async fn build(
         ));
     };
     request.name = Some(name.clone());
+    // Before any API call: the Rabbit's worker pastes these into bash as root.
+    crate::shellword::for_rabbit(&mut request).map_err(|e| Rejection::new(Errno::EINVAL, e))?;
 
     // 2. The workflow, in a state that allows copies.
     let workflows = ctx.api(
