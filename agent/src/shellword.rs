@@ -38,6 +38,18 @@ fn special(word: &str, at: usize, c: char) -> Option<&'static str> {
     }
 }
 
+/// `c` as the reasons name it: `';'`, `"'"`, or `U+000A` for a control
+/// character (which would not show).
+pub fn name_of(c: char) -> String {
+    if c.is_control() {
+        format!("U+{:04X}", c as u32)
+    } else if c == '\'' {
+        "\"'\"".into()
+    } else {
+        format!("'{c}'")
+    }
+}
+
 /// The first character of `value` that bash would interpret, and why.
 fn first_special(value: &str) -> Option<(char, &'static str)> {
     for word in value.split(' ') {
@@ -55,8 +67,9 @@ fn first_special(value: &str) -> Option<(char, &'static str)> {
 pub fn rabbit_options(key: &str, value: &str) -> Result<String, String> {
     if let Some((c, why)) = first_special(value) {
         return Err(format!(
-            "{key}: the character {c:?} is {why}, and the Rabbit runs {key} through bash as root; \
-             only plain words are accepted (letters, digits, - _ . = , : / + @ %)"
+            "{key}: the character {} is {why}, and the Rabbit runs {key} through bash as root; \
+             only plain words are accepted (letters, digits, - _ . = , : / + @ %)",
+            name_of(c)
         ));
     }
     Ok(value
@@ -70,14 +83,16 @@ pub fn rabbit_options(key: &str, value: &str) -> Result<String, String> {
 pub fn rabbit_path(key: &str, value: &str) -> Result<(), String> {
     if let Some(c) = value.chars().find(|c| c.is_whitespace()) {
         return Err(format!(
-            "{key}: the Rabbit's command cannot carry that path: it holds whitespace ({c:?}), \
-             and the Rabbit splits its command on spaces"
+            "{key}: the Rabbit's command cannot carry that path: it holds whitespace ({}), \
+             and the Rabbit splits its command on spaces",
+            name_of(c)
         ));
     }
     if let Some((c, why)) = first_special(value) {
         return Err(format!(
-            "{key}: the Rabbit's command cannot carry that path: the character {c:?} is {why}, \
-             and the Rabbit runs the path through bash as root"
+            "{key}: the Rabbit's command cannot carry that path: the character {} is {why}, \
+             and the Rabbit runs the path through bash as root",
+            name_of(c)
         ));
     }
     Ok(())
@@ -171,6 +186,14 @@ mod tests {
     ];
 
     #[test]
+    fn characters_are_named_readably() {
+        assert_eq!(name_of(';'), "';'");
+        assert_eq!(name_of('\''), "\"'\"");
+        assert_eq!(name_of('\n'), "U+000A");
+        assert_eq!(name_of('\u{1b}'), "U+001B");
+    }
+
+    #[test]
     fn plain_options_pass_unchanged() {
         for value in PLAIN {
             assert_eq!(
@@ -188,7 +211,7 @@ mod tests {
     fn refused(value: &str, c: char) {
         let err = rabbit_options("mpirun_options", value).unwrap_err();
         assert!(err.starts_with("mpirun_options: "), "{err}");
-        assert!(err.contains(&format!("{c:?}")), "{value}: {err}");
+        assert!(err.contains(&name_of(c)), "{value}: {err}");
     }
 
     #[test]
@@ -248,7 +271,7 @@ mod tests {
             let err = rabbit_path("destination", path).unwrap_err();
             assert!(err.starts_with("destination: "), "{err}");
             assert!(err.contains("cannot carry that path"), "{err}");
-            assert!(err.contains(&format!("{c:?}")), "{err}");
+            assert!(err.contains(&name_of(c)), "{err}");
         }
     }
 
