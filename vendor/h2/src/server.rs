@@ -1700,15 +1700,19 @@ impl proto::Peer for Peer {
 
         // A request translated from HTTP/1 must not include the :authority
         // header
+        //
+        // Local change (see PATCHES.md): an :authority that is not a valid
+        // URI authority is dropped rather than answered with RST_STREAM.
+        // gRPC C-core and grpc-java send a unix socket's path there.
         if let Some(authority) = pseudo.authority {
-            let maybe_authority = uri::Authority::from_maybe_shared(authority.clone().into_inner());
-            parts.authority = Some(maybe_authority.or_else(|why| {
-                malformed!(
-                    "malformed headers: malformed authority ({:?}): {}",
+            match uri::Authority::from_maybe_shared(authority.clone().into_inner()) {
+                Ok(authority) => parts.authority = Some(authority),
+                Err(why) => tracing::debug!(
+                    "ignoring malformed authority ({:?}): {}",
                     authority,
                     why,
-                )
-            })?);
+                ),
+            }
         }
 
         // A :scheme is required, except CONNECT.
