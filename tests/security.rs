@@ -118,8 +118,7 @@ fn grammar(value: &str) -> String {
 /// One request per `write(2)` to the request file, as `user`: for each, "ok"
 /// or the errno's name, then the caller's newest `errors` line.
 fn write_all_as(agent: &Agent, user: &User, requests: &[String]) -> Vec<(String, String)> {
-    let script = format!(
-        r#"
+    let script = r#"
 import errno, json, os, sys
 request, errors = sys.argv[1], sys.argv[2]
 for text in json.loads(sys.stdin.read()):
@@ -134,8 +133,7 @@ for text in json.loads(sys.stdin.read()):
     finally:
         os.close(fd)
     print(json.dumps([result, line]))
-"#
-    );
+"#;
     let mut child = as_user_cmd(user, "/usr/bin/python3")
         .arg("-c")
         .arg(script)
