@@ -12,6 +12,7 @@ mod local;
 mod op;
 mod profiles;
 mod request;
+mod shellword;
 mod store;
 mod sys;
 mod timefmt;

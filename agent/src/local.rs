@@ -654,6 +654,16 @@ impl Backend for LocalBackend {
         request.profile = Some(profile.name.clone());
         request.name = Some(name.clone());
         let native = profile.command.is_none();
+        if !native {
+            // Split into words now, so a bad quote is the writer's EINVAL.
+            for (key, value) in [
+                ("dcp_options", &request.dcp_options),
+                ("mpirun_options", &request.mpirun_options),
+            ] {
+                crate::shellword::split_options(key, value)
+                    .map_err(|e| Rejection::new(Errno::EINVAL, e))?;
+            }
+        }
         step.set(format!("looking up the groups of uid {}", who.uid));
         let groups = sys::groups_of(who.uid, who.gid);
 
@@ -780,24 +790,66 @@ struct Plan {
 }
 
 /// Substitutes the profile's variables and inserts the user's options
-/// after `dcp` and `mpirun`, as upstream does.
+/// after `dcp` and `mpirun`, as upstream does (nnf-dm
+/// `internal/controller/helpers/datamovement_helpers.go` `BuildDMCommand`).
+/// Unlike upstream, every substituted value is shell-quoted into exactly one
+/// word and the options are split by the request grammar's quoting into
+/// separate words, so a file name or an option never becomes shell code;
+/// the substitution is one pass over the profile's own text, so a value
+/// holding `$DEST` or `dcp` is never substituted again.
 pub fn build_command(template: &str, req: &Request, uid: u32, gid: u32, hostfile: &Path) -> String {
-    let mut cmd = template
-        .replace("$HOSTFILE", &hostfile.to_string_lossy())
-        .replace("$UID", &uid.to_string())
-        .replace("$GID", &gid.to_string())
-        .replace("$SRC", &req.source)
-        .replace("$DEST", &req.destination);
-    if !req.dcp_options.is_empty() {
-        cmd = insert_after_word(&cmd, "dcp", &req.dcp_options);
+    use crate::shellword::{quote, split_options};
+    let words = |key: &str, value: &str| -> String {
+        // Checked when the request was accepted; an operation recorded by an
+        // older agent still runs its options as one word rather than as code.
+        let words = split_options(key, value).unwrap_or_else(|_| vec![value.to_string()]);
+        words.iter().map(|w| quote(w)).collect::<Vec<_>>().join(" ")
+    };
+    let mut inserts: Vec<(usize, String)> = Vec::new();
+    for (word, key, value) in [
+        ("dcp", "dcp_options", &req.dcp_options),
+        ("mpirun", "mpirun_options", &req.mpirun_options),
+    ] {
+        if let Some(at) = word_end(template, word) {
+            let options = words(key, value);
+            if !options.is_empty() {
+                inserts.push((at, format!(" {options}")));
+            }
+        }
     }
-    if !req.mpirun_options.is_empty() {
-        cmd = insert_after_word(&cmd, "mpirun", &req.mpirun_options);
+    let variables = [
+        ("$HOSTFILE", quote(&hostfile.to_string_lossy())),
+        ("$UID", uid.to_string()),
+        ("$GID", gid.to_string()),
+        ("$SRC", quote(&req.source)),
+        ("$DEST", quote(&req.destination)),
+    ];
+    let mut cmd = String::with_capacity(template.len() + 64);
+    let mut at = 0;
+    while at <= template.len() {
+        for (_, text) in inserts.iter().filter(|(i, _)| *i == at) {
+            cmd.push_str(text);
+        }
+        let Some(c) = template[at..].chars().next() else {
+            break;
+        };
+        if let Some((name, value)) = variables
+            .iter()
+            .find(|(name, _)| template[at..].starts_with(name))
+        {
+            cmd.push_str(value);
+            at += name.len();
+        } else {
+            cmd.push(c);
+            at += c.len_utf8();
+        }
     }
     cmd
 }
 
-fn insert_after_word(cmd: &str, word: &str, options: &str) -> String {
+/// Where the first `word` of the profile's text ends: a whole word, or the
+/// last component of a path (`/opt/bin/dcp`).
+fn word_end(cmd: &str, word: &str) -> Option<usize> {
     let bytes = cmd.as_bytes();
     let is_word_char =
         |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.' || b == b'/';
@@ -808,11 +860,11 @@ fn insert_after_word(cmd: &str, word: &str, options: &str) -> String {
         let before_ok = at == 0 || !is_word_char(bytes[at - 1]) || bytes[at - 1] == b'/';
         let after_ok = end == bytes.len() || !is_word_char(bytes[end]);
         if before_ok && after_ok {
-            return format!("{} {}{}", &cmd[..end], options, &cmd[end..]);
+            return Some(end);
         }
         start = end;
     }
-    cmd.to_string()
+    None
 }
 
 /// `Copied ... (NN%)` lines of dcp give the percentage.
@@ -865,5 +917,58 @@ impl Spawner {
         reply_rx
             .recv()
             .map_err(|_| std::io::Error::other("spawner thread is gone"))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(source: &str, destination: &str, dcp: &str, mpirun: &str) -> Request {
+        Request {
+            source: source.into(),
+            destination: destination.into(),
+            dcp_options: dcp.into(),
+            mpirun_options: mpirun.into(),
+            ..Request::default()
+        }
+    }
+
+    #[test]
+    fn plain_values_read_as_before() {
+        let req = request("/a/src", "/b/dst", "--quiet", "-x Y");
+        let cmd = build_command(
+            "mpirun --hostfile $HOSTFILE -u $UID -g $GID /opt/bin/dcp $SRC $DEST",
+            &req,
+            7,
+            8,
+            Path::new("/var/lib/h"),
+        );
+        assert_eq!(
+            cmd,
+            "mpirun -x Y --hostfile /var/lib/h -u 7 -g 8 /opt/bin/dcp --quiet /a/src /b/dst"
+        );
+    }
+
+    #[test]
+    fn every_value_is_one_word() {
+        let req = request(
+            "/s/we ird;touch x",
+            "/d/$(id)`id`'\"\n-rf $SRC",
+            "--label \"a b;c\" -v",
+            "",
+        );
+        let cmd = build_command("dcp $SRC $DEST", &req, 0, 0, Path::new("/h"));
+        assert_eq!(
+            cmd,
+            "dcp --label 'a b;c' -v '/s/we ird;touch x' '/d/$(id)`id`'\\''\"\n-rf $SRC'"
+        );
+    }
+
+    #[test]
+    fn options_never_land_inside_a_path() {
+        let req = request("/x/dcp/y", "/z", "--quiet", "");
+        let cmd = build_command("cp -r $SRC $DEST; dcp", &req, 0, 0, Path::new("/h"));
+        assert_eq!(cmd, "cp -r /x/dcp/y /z; dcp --quiet");
     }
 }

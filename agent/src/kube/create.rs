@@ -106,6 +106,8 @@ pub(super) async fn build(
         ));
     };
     request.name = Some(name.clone());
+    // Before any API call: the Rabbit's worker pastes these into bash as root.
+    crate::shellword::for_rabbit(&mut request).map_err(|e| Rejection::new(Errno::EINVAL, e))?;
 
     // 2. The workflow, in a state that allows copies.
     // Shared with concurrent creates and kept for WORKFLOW_TTL: a copy is
