@@ -44,7 +44,10 @@ fn seed(server: &TestServer) {
                  "groupID": 0, "userID": 0, "jobID": 1, "wlmID": "slurm"},
         "status": {"state": "PreRun", "status": "Completed", "ready": true},
     }));
-    for (ns, path) in [(NODE, "/mnt/nnf/gfs-1"), (RABBIT, "/rabbit/gfs-1/compute-1")] {
+    for (ns, path) in [
+        (NODE, "/mnt/nnf/gfs-1"),
+        (RABBIT, "/rabbit/gfs-1/compute-1"),
+    ] {
         server.put_object(json!({
             "apiVersion": "dataworkflowservices.github.io/v1alpha7",
             "kind": "ClientMount",
@@ -295,9 +298,15 @@ fn main() {
     println!("| door | clients | window | creates | creates/s | p50 ms | p99 ms | API requests per create (by verb and kind) |");
     println!("|---|---|---|---|---|---|---|---|");
     // Inside the burst: one client, 50 creates (the bucket holds 100).
-    println!("{}", fs_run(&server, &agent.mnt, 1, Until::Count(50)).report());
+    println!(
+        "{}",
+        fs_run(&server, &agent.mnt, 1, Until::Count(50)).report()
+    );
     std::thread::sleep(refill);
-    println!("{}", grpc_run(&server, &socket, 1, Until::Count(50)).report());
+    println!(
+        "{}",
+        grpc_run(&server, &socket, 1, Until::Count(50)).report()
+    );
     std::thread::sleep(refill);
     // Sustained: the burst is spent in the first seconds, then qps rules.
     let window = Until::Time(Duration::from_secs(seconds));
@@ -310,5 +319,8 @@ fn main() {
         .find(|l| l.starts_with("VmRSS"))
         .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_string())
         .unwrap_or_default();
-    println!("\nagent RSS after {} creates: {rss} kB", SEQ.load(Ordering::Relaxed));
+    println!(
+        "\nagent RSS after {} creates: {rss} kB",
+        SEQ.load(Ordering::Relaxed)
+    );
 }

@@ -1166,7 +1166,11 @@ fn only_the_nnf_dm_clusterrole_is_needed_and_qps_is_limited() {
     let agent = cluster.agent(&["--kubernetes-qps", "5", "--kubernetes-burst", "5"]);
     // Let the buckets fill again after the startup lists and watches.
     assert_eq!(
-        write_as(&agent, None, "name=q-warm workflow=wf1 namespace=default source=/mnt/nnf/gfs-1/a destination=/x/qw"),
+        write_as(
+            &agent,
+            None,
+            "name=q-warm workflow=wf1 namespace=default source=/mnt/nnf/gfs-1/a destination=/x/qw"
+        ),
         "ok"
     );
     std::thread::sleep(Duration::from_millis(1500));
@@ -1817,13 +1821,19 @@ fn a_create_costs_at_most_two_api_requests() {
     };
     // Steady state: the watches have listed, the first reads are done.
     assert_eq!(write_as(&agent, None, &gfs("warm-g")), "ok");
-    assert_eq!(write_as(&agent, None, &format!("name=warm-l {LUS_REQ}")), "ok");
+    assert_eq!(
+        write_as(&agent, None, &format!("name=warm-l {LUS_REQ}")),
+        "ok"
+    );
     cluster.server.clear_requests();
 
     let mut made = 0;
     for i in 0..10 {
         assert_eq!(write_as(&agent, None, &gfs(&format!("s{i}"))), "ok");
-        assert_eq!(write_as(&agent, None, &format!("name=l{i} {LUS_REQ}")), "ok");
+        assert_eq!(
+            write_as(&agent, None, &format!("name=l{i} {LUS_REQ}")),
+            "ok"
+        );
         made += 2;
     }
     // Eight writers at once.
@@ -1874,9 +1884,20 @@ fn a_create_costs_at_most_two_api_requests() {
             .map_or(0, |(_, n)| *n)
     };
     assert_eq!(of("create", "nnfdatamovements"), made, "{counts:?}");
-    assert!(total <= 2 * made, "{total} requests for {made} creates: {counts:?}");
-    for kind in ["lustrefilesystems", "nnfdatamovementprofiles", "systemconfigurations"] {
-        assert_eq!(of("get", kind) + of("list", kind), 0, "{kind} read per request: {counts:?}");
+    assert!(
+        total <= 2 * made,
+        "{total} requests for {made} creates: {counts:?}"
+    );
+    for kind in [
+        "lustrefilesystems",
+        "nnfdatamovementprofiles",
+        "systemconfigurations",
+    ] {
+        assert_eq!(
+            of("get", kind) + of("list", kind),
+            0,
+            "{kind} read per request: {counts:?}"
+        );
     }
     // Every read a create may make, and nothing else.
     for ((verb, res), _) in &counts {
@@ -1914,9 +1935,16 @@ fn a_workflow_leaving_prerun_stops_copies_within_the_cache_bound() {
         i += 1;
         write_as(&agent, None, &req(&format!("after{i}"))) == "EPERM"
     });
-    assert!(refused, "creates still accepted after the workflow left PreRun");
+    assert!(
+        refused,
+        "creates still accepted after the workflow left PreRun"
+    );
     // The bound is one second; allow for a loaded machine, not for more.
-    assert!(changed.elapsed() < Duration::from_secs(5), "{:?}", changed.elapsed());
+    assert!(
+        changed.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        changed.elapsed()
+    );
     assert!(last_error(&agent, None).contains("is in state PostRun"));
     // And it stays refused.
     assert_eq!(write_as(&agent, None, &req("later")), "EPERM");
@@ -1930,7 +1958,10 @@ fn a_generate_name_collision_is_retried_with_a_new_name() {
     let agent = cluster.agent(&[]);
     cluster.server.clear_requests();
     cluster.server.collide_next_generated_names(1);
-    assert_eq!(write_as(&agent, None, &format!("name=coll {LUS_REQ}")), "ok");
+    assert_eq!(
+        write_as(&agent, None, &format!("name=coll {LUS_REQ}")),
+        "ok"
+    );
     assert_eq!(
         cluster.server.request_count("create", "nnfdatamovements"),
         2,
@@ -1951,10 +1982,30 @@ fn trailing_slashes_of_source_and_destination_are_kept() {
     let cluster = Cluster::bare();
     let agent = cluster.agent(&[]);
     for (name, source, destination, rabbit_source) in [
-        ("sl1", "/mnt/nnf/gfs-1/a/", "/x/d/", "/rabbit/gfs-1/compute-1/a/"),
-        ("sl2", "/mnt/nnf/gfs-1/a", "/x/d", "/rabbit/gfs-1/compute-1/a"),
-        ("sl3", "/mnt/nnf/gfs-1/", "/x/e/", "/rabbit/gfs-1/compute-1/"),
-        ("sl4", "/mnt/nnf/lus-0/ckpt/", "/lus/global/me/", "/rabbit/lus-0/compute-1/ckpt/"),
+        (
+            "sl1",
+            "/mnt/nnf/gfs-1/a/",
+            "/x/d/",
+            "/rabbit/gfs-1/compute-1/a/",
+        ),
+        (
+            "sl2",
+            "/mnt/nnf/gfs-1/a",
+            "/x/d",
+            "/rabbit/gfs-1/compute-1/a",
+        ),
+        (
+            "sl3",
+            "/mnt/nnf/gfs-1/",
+            "/x/e/",
+            "/rabbit/gfs-1/compute-1/",
+        ),
+        (
+            "sl4",
+            "/mnt/nnf/lus-0/ckpt/",
+            "/lus/global/me/",
+            "/rabbit/lus-0/compute-1/ckpt/",
+        ),
     ] {
         assert_eq!(
             write_as(
@@ -1982,11 +2033,30 @@ fn grpc_create_answers_failed_when_something_named_is_not_found() {
     let mut grpc = grpc_root(&agent);
     for (source, destination, profile, words) in [
         ("/mnt/nnf/nowhere/a", "/x/y", "", "holds /mnt/nnf/nowhere/a"),
-        ("/mnt/nnf/lus-0/a", "/elsewhere/y", "", "no LustreFileSystem"),
-        ("/mnt/nnf/gfs-1/a", "/x/y", "nope", "profile 'nope' not found"),
-        ("/mnt/nnf/gfs-1/a", "/x/y", "", "workflow default/gone not found"),
+        (
+            "/mnt/nnf/lus-0/a",
+            "/elsewhere/y",
+            "",
+            "no LustreFileSystem",
+        ),
+        (
+            "/mnt/nnf/gfs-1/a",
+            "/x/y",
+            "nope",
+            "profile 'nope' not found",
+        ),
+        (
+            "/mnt/nnf/gfs-1/a",
+            "/x/y",
+            "",
+            "workflow default/gone not found",
+        ),
     ] {
-        let workflow = if words.contains("gone") { "gone" } else { "wf1" };
+        let workflow = if words.contains("gone") {
+            "gone"
+        } else {
+            "wf1"
+        };
         let r = grpc.create(dm_proto::DataMovementCreateRequest {
             workflow: Some(dm_proto::DataMovementWorkflow {
                 name: workflow.into(),
@@ -2017,19 +2087,35 @@ fn a_newline_terminated_token_works_and_is_read_again_as_it_rotates() {
     let token = dir.path().join("service.token");
     std::fs::write(&token, format!("{}\n", cluster.server.token(NNF_DM))).unwrap();
     let mut args = cluster.args(&[]);
-    let at = args.iter().position(|a| a == "--service-token-file").unwrap();
+    let at = args
+        .iter()
+        .position(|a| a == "--service-token-file")
+        .unwrap();
     args[at + 1] = token.to_str().unwrap().to_string();
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let agent = Agent::start(&refs);
-    assert_eq!(write_as(&agent, None, &format!("name=tok1 {LUS_REQ}")), "ok");
+    assert_eq!(
+        write_as(&agent, None, &format!("name=tok1 {LUS_REQ}")),
+        "ok"
+    );
     // Rotated to a token the server refuses: the next create sees it.
     let new = dir.path().join("service.token.new");
     std::fs::write(&new, "revoked\n").unwrap();
     std::fs::rename(&new, &token).unwrap();
-    assert_eq!(write_as(&agent, None, &format!("name=tok2 {LUS_REQ}")), "EIO");
-    assert!(last_error(&agent, None).contains("401"), "{}", last_error(&agent, None));
+    assert_eq!(
+        write_as(&agent, None, &format!("name=tok2 {LUS_REQ}")),
+        "EIO"
+    );
+    assert!(
+        last_error(&agent, None).contains("401"),
+        "{}",
+        last_error(&agent, None)
+    );
     // Rotated back: works again, no restart.
     std::fs::write(&new, format!("{}\n", cluster.server.token(NNF_DM))).unwrap();
     std::fs::rename(&new, &token).unwrap();
-    assert_eq!(write_as(&agent, None, &format!("name=tok3 {LUS_REQ}")), "ok");
+    assert_eq!(
+        write_as(&agent, None, &format!("name=tok3 {LUS_REQ}")),
+        "ok"
+    );
 }

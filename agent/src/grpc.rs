@@ -83,8 +83,8 @@ pub fn start(agent: Arc<Agent>, socket: &Path, backend: &str) -> Result<GrpcServ
         agent,
         kubernetes: backend == "kubernetes",
     })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(4 * 1024 * 1024);
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(4 * 1024 * 1024);
     let shown = socket.display().to_string();
     let thread = std::thread::Builder::new()
         .name("grpc-server".into())

@@ -62,9 +62,7 @@ where
                     }
                     let sent = Instant::now();
                     let fut = fetch();
-                    let f: Fetch<V> = async move { fut.await.map(|v| (v, sent)) }
-                        .boxed()
-                        .shared();
+                    let f: Fetch<V> = async move { fut.await.map(|v| (v, sent)) }.boxed().shared();
                     map.insert(key.clone(), Entry::Pending(f.clone()));
                     f
                 }
@@ -109,9 +107,9 @@ mod tests {
         for _ in 0..10 {
             let flight = flight.clone();
             let calls = calls.clone();
-            tasks.push(tokio::spawn(async move {
-                flight.get("k", fetch(calls)).await
-            }));
+            tasks.push(tokio::spawn(
+                async move { flight.get("k", fetch(calls)).await },
+            ));
         }
         for t in tasks {
             assert_eq!(t.await.unwrap().unwrap(), 7);

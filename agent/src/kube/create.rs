@@ -84,9 +84,10 @@ async fn synced(
     store: &Store<DynamicObject>,
     what: &str,
 ) -> Result<Vec<Arc<DynamicObject>>, Rejection> {
-    store.wait_until_ready().await.map_err(|_| {
-        Rejection::new(Errno::EIO, format!("the watch of the {what} ended"))
-    })?;
+    store
+        .wait_until_ready()
+        .await
+        .map_err(|_| Rejection::new(Errno::EIO, format!("the watch of the {what} ended")))?;
     Ok(store.state())
 }
 
