@@ -1,0 +1,3 @@
+//! What both compute-node daemons (nnf-dm and clientmountd) share.
+
+pub mod metrics_http;
