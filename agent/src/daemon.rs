@@ -61,7 +61,13 @@ pub fn run(args: RunArgs) -> Result<(), Error> {
     let signals = sys_signals::block(&SIGNALS);
     init_logging(args.log_format);
     install_panic_abort();
+    if args.mountpoint.as_os_str().is_empty() && args.socket.as_os_str().is_empty() {
+        return Err("--mountpoint '' and --socket '' leave no way in: give one of them".into());
+    }
     let kube_given = args.kube.given();
+    if args.simulated {
+        return run_simulated(core_parts(&args)?, &args, &signals);
+    }
     let backend = args.backend.unwrap_or(if kube_given.is_empty() {
         BackendKind::Local
     } else {
@@ -75,6 +81,14 @@ pub fn run(args: RunArgs) -> Result<(), Error> {
     if backend == BackendKind::Kubernetes && args.profiles.is_some() {
         return Err("--profiles is not supported by the kubernetes backend (its profiles are the NnfDataMovementProfiles in nnf-system)".into());
     }
+    let core = core_parts(&args)?;
+    match backend {
+        BackendKind::Local => run_local(core, &args, &signals),
+        BackendKind::Kubernetes => run_kube(core, &args, &signals),
+    }
+}
+
+fn core_parts(args: &RunArgs) -> Result<Core, Error> {
     // The core's workers: every request is checked on its blocking pool,
     // never on a door's thread. The pool bounds the threads that may wait
     // on hung file systems; per-user caps keep one user from filling it.
@@ -90,31 +104,71 @@ pub fn run(args: RunArgs) -> Result<(), Error> {
         retention: args.retention,
         request_timeout: args.request_timeout,
     };
-    let core = Core {
+    Ok(Core {
         config,
-        rt: rt.handle().clone(),
+        rt: Some(rt),
         notify: Notify::new(),
-    };
-    let served = match backend {
-        BackendKind::Local => run_local(core, &args, &signals),
-        BackendKind::Kubernetes => run_kube(core, &args, &signals),
-    };
-    // Checks still stuck on a hung file system must not hold the exit.
-    rt.shutdown_background();
-    served
+    })
 }
 
 /// What the core is made of, before its backend exists.
 struct Core {
     config: AgentConfig,
-    rt: tokio::runtime::Handle,
+    rt: Option<tokio::runtime::Runtime>,
     notify: Notify,
 }
 
-impl Core {
-    fn with(self, backend: Arc<dyn agent::Backend>) -> Arc<Agent> {
-        Agent::new(self.config, self.rt, self.notify, backend)
+impl Drop for Core {
+    fn drop(&mut self) {
+        // Checks still stuck on a hung file system must not hold the exit.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
     }
+}
+
+impl Core {
+    fn with(&self, backend: Arc<dyn agent::Backend>) -> Arc<Agent> {
+        let rt = self.rt.as_ref().expect("runtime lives as long as the core");
+        Agent::new(
+            AgentConfig { ..self.config },
+            rt.handle().clone(),
+            self.notify.clone(),
+            backend,
+        )
+    }
+}
+
+/// `--simulated`: the same doors, every request completed at once.
+fn run_simulated(core: Core, args: &RunArgs, signals: &libc::sigset_t) -> Result<(), Error> {
+    if let Some(flag) = args.kube.given().first() {
+        tracing::info!(flag, "simulated: Kubernetes settings are not used");
+    }
+    let backend = crate::simulated::SimulatedBackend::new(core.notify.clone());
+    let agent = &core.with(backend);
+    prepare_mountpoint(&args.mountpoint)?;
+    serve(agent, args, "simulated", 0, signals, |agent| {
+        start_retention(agent, args.retention)
+    })
+}
+
+/// Forgets completed operations older than `--retention`.
+fn start_retention(agent: &Arc<Agent>, retention: Duration) -> Result<(), Error> {
+    let expiring = Arc::downgrade(agent);
+    std::thread::Builder::new()
+        .name("retention".into())
+        .spawn(move || {
+            let period = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+            loop {
+                std::thread::sleep(period);
+                match expiring.upgrade() {
+                    Some(agent) => agent.expire(),
+                    None => return,
+                }
+            }
+        })
+        .map(drop)
+        .map_err(|e| Error::with("cannot start the retention thread", e))
 }
 
 fn run_local(core: Core, args: &RunArgs, signals: &libc::sigset_t) -> Result<(), Error> {
@@ -152,22 +206,7 @@ fn run_local(core: Core, args: &RunArgs, signals: &libc::sigset_t) -> Result<(),
     })?;
 
     serve(agent, args, "local", restored, signals, |agent| {
-        let retention = args.retention;
-        let expiring = Arc::downgrade(agent);
-        std::thread::Builder::new()
-            .name("retention".into())
-            .spawn(move || {
-                let period = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
-                loop {
-                    std::thread::sleep(period);
-                    match expiring.upgrade() {
-                        Some(agent) => agent.expire(),
-                        None => return,
-                    }
-                }
-            })
-            .map(drop)
-            .map_err(|e| Error::with("cannot start the retention thread", e))
+        start_retention(agent, args.retention)
     })
 }
 
@@ -224,6 +263,9 @@ fn install_panic_abort() {
 }
 
 fn prepare_mountpoint(mountpoint: &Path) -> Result<(), Error> {
+    if mountpoint.as_os_str().is_empty() {
+        return Ok(());
+    }
     if fuse_ctl::clean_stale_mount(mountpoint).map_err(|e| {
         Error::with(
             format!("cannot clean the stale mount at {}", mountpoint.display()),
@@ -237,7 +279,62 @@ fn prepare_mountpoint(mountpoint: &Path) -> Result<(), Error> {
             format!("cannot create the mount point {}", mountpoint.display()),
             e,
         )
-    })
+    })?;
+    // Linux stacks mounts: mounting over a live one would hide it (another
+    // agent's, or a file system an administrator put there) instead of
+    // failing, so refuse here with the reason.
+    if is_mount_point(mountpoint) {
+        return Err(format!(
+            "the mount point {} is busy: something is mounted there (another nnf-dm?)",
+            mountpoint.display()
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Whether `path` is the root of a mount (its device differs from its
+/// parent's, or it is its own parent).
+fn is_mount_point(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return false;
+    };
+    let parent = path.join("..");
+    match std::fs::metadata(&parent) {
+        Ok(up) => up.dev() != meta.dev() || up.ino() == meta.ino(),
+        Err(_) => false,
+    }
+}
+
+/// Why the control filesystem could not be mounted, in an administrator's
+/// words: the usual causes are named, with the way out.
+fn mount_failure(mountpoint: &Path, e: std::io::Error) -> Error {
+    let at = mountpoint.display();
+    let hint = if !Path::new("/dev/fuse").exists() {
+        Some("/dev/fuse is missing: this node has no FUSE (load the fuse module, or run with --mountpoint '' to serve the gRPC socket alone)".to_string())
+    } else if effective_uid() != 0 {
+        Some(
+            "not running as root: the agent mounts for every user and copies as each of them"
+                .to_string(),
+        )
+    } else if e.raw_os_error() == Some(libc::EBUSY) {
+        Some("the mount point is busy".to_string())
+    } else {
+        None
+    };
+    match hint {
+        Some(hint) => Error::with(
+            format!("cannot mount the control filesystem at {at}: {hint}"),
+            e,
+        ),
+        None => Error::with(format!("cannot mount the control filesystem at {at}"), e),
+    }
+}
+
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 /// Opens both doors, runs `extra`, and serves until SIGTERM or SIGINT.
@@ -257,16 +354,17 @@ fn serve(
         Some(crate::grpc::start(agent.clone(), &args.socket, backend)?)
     };
 
-    let mounted = agent.fs().mount(&args.mountpoint, "nnf-dm").map_err(|e| {
-        Error::with(
-            format!(
-                "cannot mount the control filesystem at {}",
-                args.mountpoint.display()
-            ),
-            e,
-        )
-    })?;
-    tracing::info!(mountpoint = %args.mountpoint.display(), backend, restored, "nnf-dm serving");
+    let mounted = if args.mountpoint.as_os_str().is_empty() {
+        tracing::info!(socket = %args.socket.display(), backend, restored, "nnf-dm serving the gRPC socket alone (--mountpoint '')");
+        None
+    } else {
+        let mounted = agent
+            .fs()
+            .mount(&args.mountpoint, "nnf-dm")
+            .map_err(|e| mount_failure(&args.mountpoint, e))?;
+        tracing::info!(mountpoint = %args.mountpoint.display(), backend, restored, "nnf-dm serving");
+        Some(mounted)
+    };
 
     // Unmounted whatever `extra` says.
     let extra = extra(agent);
@@ -284,9 +382,11 @@ fn serve(
             break;
         }
     }
-    mounted
-        .unmount()
-        .map_err(|e| Error::with(format!("cannot unmount {}", args.mountpoint.display()), e))?;
+    if let Some(mounted) = mounted {
+        mounted
+            .unmount()
+            .map_err(|e| Error::with(format!("cannot unmount {}", args.mountpoint.display()), e))?;
+    }
     extra
 }
 

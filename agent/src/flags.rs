@@ -57,12 +57,17 @@ pub enum LogFormat {
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Where to mount the control filesystem.
-    #[arg(long, default_value = "/run/nnf-dm")]
+    /// Where to mount the control filesystem; '' serves the gRPC socket
+    /// alone (a node without FUSE).
+    #[arg(long, default_value = "/run/nnf-dm", value_parser = path_or_empty)]
     pub mountpoint: PathBuf,
     /// Which backend executes copies [default: local unless a Kubernetes setting is given].
     #[arg(long, value_enum)]
     pub backend: Option<BackendKind>,
+    /// Complete every request at once without copying or a cluster, on the
+    /// same control files and socket (as upstream's `--simulated`).
+    #[arg(long, conflicts_with = "backend")]
+    pub simulated: bool,
     /// Where the local backend keeps one record per operation.
     #[arg(long, default_value = "/var/lib/nnf-dm")]
     pub state_dir: PathBuf,

@@ -13,6 +13,7 @@ mod op;
 mod profiles;
 mod request;
 mod shellword;
+mod simulated;
 mod store;
 mod sys;
 mod timefmt;

@@ -149,10 +149,26 @@ pub struct Agent {
     args: Vec<String>,
     child: Option<Child>,
     log: PathBuf,
+    /// `--mountpoint ''`: the gRPC socket is the only door.
+    socket_only: bool,
 }
 
 impl Agent {
     pub fn start(args: &[&str]) -> Agent {
+        Agent::start_as(args, false)
+    }
+
+    /// An agent with no control filesystem (`--mountpoint ''`), up once its
+    /// socket answers.
+    pub fn start_socket_only(args: &[&str]) -> Agent {
+        Agent::start_as(args, true)
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("nnf-dm.sock")
+    }
+
+    fn start_as(args: &[&str], socket_only: bool) -> Agent {
         let dir = scratch();
         let mnt = dir.path().join("mnt");
         let state = dir.path().join("state");
@@ -164,6 +180,7 @@ impl Agent {
             state,
             args: args.iter().map(|s| s.to_string()).collect(),
             child: None,
+            socket_only,
         };
         agent.spawn();
         agent
@@ -175,13 +192,18 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .unwrap();
+        let mountpoint = if self.socket_only {
+            PathBuf::new()
+        } else {
+            self.mnt.clone()
+        };
         let child = Command::new(bin("nnf-dm"))
             .arg("--mountpoint")
-            .arg(&self.mnt)
+            .arg(&mountpoint)
             .arg("--state-dir")
             .arg(&self.state)
             .arg("--socket")
-            .arg(self.dir.path().join("nnf-dm.sock"))
+            .arg(self.socket())
             .args(&self.args)
             .env_remove("KUBERNETES_SERVICE_HOST")
             .env_remove("KUBERNETES_SERVICE_PORT")
@@ -193,8 +215,13 @@ impl Agent {
             .expect("start nnf-dm");
         self.child = Some(child);
         let version = self.mnt.join("version");
+        let socket = self.socket();
         if !wait_until(Duration::from_secs(10), || {
-            std::fs::read(&version).is_ok_and(|v| !v.is_empty())
+            if self.socket_only {
+                std::os::unix::net::UnixStream::connect(&socket).is_ok()
+            } else {
+                std::fs::read(&version).is_ok_and(|v| !v.is_empty())
+            }
         }) {
             panic!("nnf-dm did not come up; log:\n{}", self.log());
         }
@@ -300,6 +327,7 @@ pub fn python(script: &str) -> Output {
         .expect("run python3")
 }
 pub mod clientmount;
+pub mod python_grpc;
 
 /// Creates an executable file through another process. Writing it from this
 /// (multi-threaded) test process would let a child forked meanwhile by another
