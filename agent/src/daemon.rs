@@ -173,7 +173,7 @@ fn start_retention(agent: &Arc<Agent>, retention: Duration) -> Result<(), Error>
 
 fn run_local(core: Core, args: &RunArgs, signals: &libc::sigset_t) -> Result<(), Error> {
     let profiles = match &args.profiles {
-        Some(path) => Profiles::load(path)?,
+        Some(path) => Profiles::load(path).map_err(|e| Error::with("cannot use --profiles", e))?,
         None => Profiles::builtin(),
     };
     let store = Store::open(&args.state_dir).map_err(|e| {

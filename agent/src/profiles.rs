@@ -3,7 +3,7 @@
 //! NnfDataMovementProfile `data` fields.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -87,14 +87,19 @@ impl Profiles {
     }
 
     /// The built-in profile plus those of `path` (a JSON array).
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read --profiles {}: {e}", path.display()))?;
-        Self::parse(&text).map_err(|e| format!("--profiles {}: {e}", path.display()))
+    pub fn load(path: &Path) -> Result<Self, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|source| LoadError::Invalid {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let list: Vec<Profile> = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    pub fn parse(text: &str) -> Result<Self, ProfileError> {
+        let list: Vec<Profile> = serde_json::from_str(text)?;
         let mut profiles = Self::builtin();
         let defaults: Vec<&str> = list
             .iter()
@@ -102,17 +107,14 @@ impl Profiles {
             .map(|p| p.name.as_str())
             .collect();
         if defaults.len() > 1 {
-            return Err(format!(
-                "more than one profile has \"default\": true: {}",
-                defaults.join(", ")
-            ));
+            return Err(ProfileError::SeveralDefaults(defaults.join(", ")));
         }
         if let Some(name) = defaults.first() {
             profiles.default_name = name.to_string();
         }
         for profile in list {
             if profile.name.is_empty() {
-                return Err("a profile has an empty name".into());
+                return Err(ProfileError::EmptyName);
             }
             if profiles
                 .by_name
@@ -120,7 +122,7 @@ impl Profiles {
                 .is_some()
                 && profile.name != "default"
             {
-                return Err(format!("profile '{}' is defined twice", profile.name));
+                return Err(ProfileError::Twice(profile.name));
             }
         }
         Ok(profiles)
@@ -129,6 +131,35 @@ impl Profiles {
     pub fn get(&self, name: Option<&str>) -> Option<&Profile> {
         self.by_name.get(name.unwrap_or(&self.default_name))
     }
+}
+
+/// Why `--profiles` cannot be used; the agent does not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", path.display())]
+    Invalid {
+        path: PathBuf,
+        #[source]
+        source: ProfileError,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("not a JSON array of profiles")]
+    Json(#[from] serde_json::Error),
+    #[error("more than one profile has \"default\": true: {0}")]
+    SeveralDefaults(String),
+    #[error("a profile has an empty name")]
+    EmptyName,
+    #[error("profile '{0}' is defined twice")]
+    Twice(String),
 }
 
 #[cfg(test)]
@@ -157,7 +188,7 @@ mod tests {
     fn two_defaults_are_refused_by_name() {
         let e = Profiles::parse(r#"[{"name":"a","default":true},{"name":"b","default":true}]"#)
             .unwrap_err();
-        assert!(e.contains("a, b"), "{e}");
+        assert!(e.to_string().contains("a, b"), "{e}");
     }
 
     #[test]
