@@ -1,7 +1,8 @@
 //! Engine vs `cp -a` vs xcp on three trees (see bench.sh).
 //!
 //! Trees live in a temp dir under `$BENCH_DIR` (default /var/tmp) so source
-//! and target share a filesystem. Each tool runs 3 times, interleaved, with
+//! and target share a filesystem. Each tool runs 5 times, interleaved (each
+//! run starts with the next tool, after one untimed warm-up copy), with
 //! a fresh target and `sync` before every timed run; medians
 //! are reported because page-cache state cannot be reset everywhere.
 //!
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use copy_engine::{copy, prescan, Options, Progress};
 
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 
 type MakeTree = Box<dyn Fn(&Path)>;
 
@@ -187,8 +188,18 @@ fn main() {
         // deleting the previous copy first made the next run pay for the
         // delete (journal, discard) and swamped the differences measured.
         let mut dsts = Vec::new();
+        // One untimed copy first: the first write of a tree pays for
+        // first-touch effects (tmpfs page allocation, a cold inode cache)
+        // that would otherwise all land on the tool that runs first.
+        let warm = tmp.path().join(format!("warm{i}"));
+        run_tool("cp -a", &src, &warm);
+        fs::remove_dir_all(&warm).unwrap();
         for run in 0..RUNS {
-            for (t, tool) in tools.iter().enumerate() {
+            // Each run starts with the next tool, so no tool always follows
+            // the same one (and its writeback).
+            for k in 0..tools.len() {
+                let t = (run + k) % tools.len();
+                let tool = &tools[t];
                 let dst = tmp.path().join(format!("dst{i}-{run}-{t}"));
                 times[t].push(run_tool(tool, &src, &dst));
                 if tmpfs {
