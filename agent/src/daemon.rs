@@ -113,7 +113,8 @@ struct Core {
 
 impl Core {
     fn with(self, backend: Arc<dyn agent::Backend>) -> Arc<Agent> {
-        Agent::new(self.config, self.rt, self.notify, backend)
+        let name = backend.name();
+        crate::metrics::install(Agent::new(self.config, self.rt, self.notify, backend), name)
     }
 }
 
@@ -257,6 +258,8 @@ fn serve(
         Some(crate::grpc::start(agent.clone(), &args.socket, backend)?)
     };
 
+    crate::metrics::serve_http(agent, args.metrics_bind_address.0)
+        .map_err(|e| Error::with("--metrics-bind-address", e))?;
     let mounted = agent.fs().mount(&args.mountpoint, "nnf-dm").map_err(|e| {
         Error::with(
             format!(
