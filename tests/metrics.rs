@@ -163,7 +163,7 @@ fn scrape_file(agent: &Agent, as_user: Option<&User>) -> Scrape {
 fn endpoint(agent: &Agent) -> String {
     let log = agent.log();
     log.lines()
-        .find(|l| l.contains("serving metrics on /metrics"))
+        .rfind(|l| l.contains("serving metrics on /metrics"))
         .and_then(|l| l.split("address=").nth(1))
         .map(|a| a.split_whitespace().next().unwrap().to_string())
         .unwrap_or_else(|| panic!("no metrics endpoint in the log:\n{log}"))
@@ -503,10 +503,11 @@ fn cluster() -> Arc<TestServer> {
             return;
         }
         let Some(s) = weak.upgrade() else { return };
+        let now = utc_now();
         let finish = |o: &mut Value| {
             o["status"] = json!({
                 "state": "Finished", "status": "Success", "restarts": 0,
-                "startTime": "2026-01-01T00:00:00Z", "endTime": "2026-01-01T00:00:01Z",
+                "startTime": now, "endTime": now,
                 "commandStatus": {"command": "mpirun dcp", "progress": 100,
                     "items": 4, "directories": 1, "files": 3, "links": 0,
                     "data": "3.000 KiB", "elapsedTime": "1s"},
@@ -521,6 +522,15 @@ fn cluster() -> Arc<TestServer> {
         }
     });
     server
+}
+
+/// RFC 3339, whole seconds, as the Rabbit writes its times.
+fn utc_now() -> String {
+    let out = Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .unwrap();
+    stdout(&out).trim().to_string()
 }
 
 fn kube_agent(server: &TestServer, extra: &[&str]) -> Agent {
@@ -589,7 +599,7 @@ fn agent_counts(scrape: &Scrape) -> BTreeMap<(String, String, String), f64> {
 fn kubernetes_requests_match_the_servers_log_and_a_scrape_costs_none() {
     let server = cluster();
     let u = user("nnfdmt2");
-    let agent = kube_agent(&server, &["--metrics-bind-address", "127.0.0.1:0"]);
+    let mut agent = kube_agent(&server, &["--metrics-bind-address", "127.0.0.1:0"]);
     for i in 0..3 {
         let out = agent.request(&format!("name=k{i} {LUS_REQ}"));
         assert!(out.status.success(), "{}", stderr(&out));
@@ -666,6 +676,33 @@ fn kubernetes_requests_match_the_servers_log_and_a_scrape_costs_none() {
         server.request_counts()
     );
     assert_eq!(agent_counts(&after), counts, "the agent counted requests");
+
+    // Restarted, the agent lists the four again: they are held, completed,
+    // but were not completed in this agent's life. The agent allows the
+    // Rabbit's whole-second end times 2 s of slack: restart past it.
+    let ended = std::time::SystemTime::now();
+    assert!(wait_until(LONG, || ended.elapsed().unwrap() > Duration::from_secs(3)));
+    agent.stop();
+    agent.restart();
+    let again = |s: &Scrape| {
+        s.value(
+            "nnf_dm_operations",
+            &[("backend", "kubernetes"), ("state", "completed")],
+        )
+    };
+    let mut root = scrape_file(&agent, None);
+    assert!(
+        wait_until(LONG, || {
+            root = scrape_file(&agent, None);
+            again(&root) == 4.0
+        }),
+        "{}",
+        root.text
+    );
+    assert_eq!(root.sum("nnf_dm_operations_completed_total", &[]), 0.0);
+    assert_eq!(root.value("nnf_dm_copied_bytes_total", &[]), 0.0);
+    assert_eq!(root.value("nnf_dm_creates_total", &[]), 0.0);
+    scrape_http(&agent);
 }
 
 #[test]

@@ -25,7 +25,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, LazyLock, OnceLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use fuse_ctl::{Caller, Content, Errno, FileKind, FileOps, NodeId, Owner};
 use prometheus_client::encoding::text::encode;
@@ -145,6 +145,14 @@ struct Metrics {
     rate_limited: Family<KindLabels, Counter>,
 }
 
+/// When this agent started counting: completions before it are an earlier
+/// life's work.
+static STARTED: LazyLock<SystemTime> = LazyLock::new(SystemTime::now);
+
+/// How far a completion's end time (the Rabbit's clock, in whole seconds on
+/// the Kubernetes backend) may lie before [`STARTED`] and still count.
+const CLOCK_SLACK: Duration = Duration::from_secs(2);
+
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let m = Metrics {
         backend: OnceLock::new(),
@@ -204,9 +212,14 @@ pub fn rejected(uid: u32, errno: Errno) {
 
 /// An operation's status changed from state `before` to `now`: on its
 /// completion, its outcome and what it copied are counted (once: a
-/// completed operation never leaves that state).
+/// completed operation never leaves that state). An operation that ended
+/// before the agent started (the Kubernetes backend lists it again after a
+/// restart, pending until its resource is read) is not counted again.
 pub fn updated(op: &Operation, before: State, now: &Status) {
     if before == State::Completed || now.state != State::Completed {
+        return;
+    }
+    if now.end_time.is_some_and(|end| end + CLOCK_SLACK < *STARTED) {
         return;
     }
     let m = &*METRICS;
@@ -264,6 +277,7 @@ pub fn kube_observer() -> Option<Arc<dyn kube_connect::Observer>> {
 /// operation families.
 pub fn install(agent: Arc<Agent>, backend: &'static str) -> Arc<Agent> {
     let _ = METRICS.backend.set(backend);
+    LazyLock::force(&STARTED);
     agent
         .fs()
         .add_file(
