@@ -460,21 +460,38 @@ fn render(agent: &Agent, per_user: bool) -> String {
 
 /// OpenMetrics text (as `prometheus-client` encodes it) in the Prometheus
 /// 0.0.4 text format: a counter family `x` is `x_total` there, and `UNIT`
-/// and `EOF` lines do not exist. Gauges and histograms read the same.
+/// and `EOF` lines do not exist. Gauges and histograms read the same. The
+/// series of a counter or gauge are sorted, so that `cat` shows them in a
+/// stable order (the encoder follows hash order); a histogram's stay as
+/// encoded, buckets rising.
 fn text_format(openmetrics: &str) -> String {
     let mut out = String::with_capacity(openmetrics.len());
     // HELP comes before TYPE: held until TYPE says whether to rename.
     let mut help: Option<(&str, &str)> = None;
+    let mut samples: Vec<&str> = Vec::new();
+    let mut sort = false;
+    let flush = |out: &mut String, samples: &mut Vec<&str>, sort: bool| {
+        if sort {
+            samples.sort_unstable();
+        }
+        for line in samples.drain(..) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    };
     for line in openmetrics.lines() {
         if line == "# EOF" || line.starts_with("# UNIT ") {
             continue;
         }
         if let Some(rest) = line.strip_prefix("# HELP ") {
+            flush(&mut out, &mut samples, sort);
             help = Some(rest.split_once(' ').unwrap_or((rest, "")));
             continue;
         }
         if let Some(rest) = line.strip_prefix("# TYPE ") {
+            flush(&mut out, &mut samples, sort);
             let (name, kind) = rest.split_once(' ').unwrap_or((rest, ""));
+            sort = matches!(kind, "counter" | "gauge");
             let name = if kind == "counter" {
                 format!("{name}_total")
             } else {
@@ -489,9 +506,9 @@ fn text_format(openmetrics: &str) -> String {
         if let Some((name, text)) = help.take() {
             out.push_str(&format!("# HELP {name} {text}\n"));
         }
-        out.push_str(line);
-        out.push('\n');
+        samples.push(line);
     }
+    flush(&mut out, &mut samples, sort);
     out
 }
 
@@ -504,14 +521,14 @@ mod tests {
         let om = "# HELP nnf_dm_creates Requests.\n# TYPE nnf_dm_creates counter\nnnf_dm_creates_total 3\n\
 # HELP nnf_dm_x_seconds Time.\n# TYPE nnf_dm_x_seconds histogram\n# UNIT nnf_dm_x_seconds seconds\n\
 nnf_dm_x_seconds_sum 1.5\nnnf_dm_x_seconds_count 2\nnnf_dm_x_seconds_bucket{le=\"+Inf\"} 2\n\
-# HELP nnf_dm_ops Ops.\n# TYPE nnf_dm_ops gauge\nnnf_dm_ops{state=\"running\"} 1\n# EOF\n";
+# HELP nnf_dm_ops Ops.\n# TYPE nnf_dm_ops gauge\nnnf_dm_ops{state=\"running\"} 1\nnnf_dm_ops{state=\"pending\"} 0\n# EOF\n";
         let text = text_format(om);
         assert_eq!(
             text,
             "# HELP nnf_dm_creates_total Requests.\n# TYPE nnf_dm_creates_total counter\nnnf_dm_creates_total 3\n\
 # HELP nnf_dm_x_seconds Time.\n# TYPE nnf_dm_x_seconds histogram\n\
 nnf_dm_x_seconds_sum 1.5\nnnf_dm_x_seconds_count 2\nnnf_dm_x_seconds_bucket{le=\"+Inf\"} 2\n\
-# HELP nnf_dm_ops Ops.\n# TYPE nnf_dm_ops gauge\nnnf_dm_ops{state=\"running\"} 1\n"
+# HELP nnf_dm_ops Ops.\n# TYPE nnf_dm_ops gauge\nnnf_dm_ops{state=\"pending\"} 0\nnnf_dm_ops{state=\"running\"} 1\n"
         );
     }
 
