@@ -254,9 +254,11 @@ fn local_backend_counts_the_work_done_per_user_for_root_only() {
         assert!(out.status.success(), "{name}: {}", stderr(&out));
         names.push(name);
     }
-    // The user's rejections: two EINVAL, one EEXIST.
+    // The user's rejections: three EINVAL (one for a name the file takes),
+    // one EEXIST.
     for bad in [
         "source=relative destination=/x".to_string(),
+        format!("name=metrics source={} destination=/x", src.display()),
         format!("bogus=1 source={} destination=/x", src.display()),
         format!("name=m0 source={} destination=/x", src.join("f0").display()),
     ] {
@@ -301,7 +303,7 @@ fn local_backend_counts_the_work_done_per_user_for_root_only() {
     assert_eq!(root.types["nnf_dm_operations"], "gauge");
     assert_eq!(root.value("nnf_dm_creates_total", &[]), 5.0);
     for (errno, n) in [
-        ("EINVAL", 2.0),
+        ("EINVAL", 3.0),
         ("EEXIST", 1.0),
         ("ENOENT", 1.0),
         ("ENOSPC", 0.0),
@@ -359,7 +361,7 @@ fn local_backend_counts_the_work_done_per_user_for_root_only() {
             "nnf_dm_user_rejections_total",
             &[("user", uid), ("errno", "EINVAL")]
         ),
-        2.0
+        3.0
     );
     assert_eq!(
         root.value(
