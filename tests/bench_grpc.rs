@@ -243,5 +243,5 @@ fn main() {
     fs_run(&agent.mnt, clients, cycles, dest).report();
     shell_run(&agent.mnt, cycles / 10, dest).report();
     let left = std::fs::read_dir(&agent.mnt).unwrap().count();
-    assert_eq!(left, 4, "every operation was deleted");
+    assert_eq!(left, 5, "every operation was deleted");
 }

@@ -55,12 +55,13 @@ fn root_layout_modes_and_version() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     names.sort();
-    assert_eq!(names, ["README", "errors", "request", "version"]);
+    assert_eq!(names, ["README", "errors", "metrics", "request", "version"]);
     for (name, mode) in [
         ("README", 0o444),
         ("version", 0o444),
         ("request", 0o666),
         ("errors", 0o444),
+        ("metrics", 0o444),
     ] {
         assert_eq!(
             std::fs::metadata(agent.path(name)).unwrap().mode() & 0o777,

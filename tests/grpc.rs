@@ -983,7 +983,7 @@ fn many_clients_of_several_users_at_once_lose_nothing() {
     }
     assert_eq!(
         std::fs::read_dir(&agent.mnt).unwrap().count(),
-        4,
+        5,
         "only the fixed files left"
     );
 }

@@ -162,7 +162,7 @@ fn same_name_writers_on_the_local_backend_one_wins_with_its_own_request() {
     // name and every user's count are free again.
     assert_eq!(
         root_names(&agent),
-        ["README", "errors", "race", "request", "version"]
+        ["README", "errors", "metrics", "race", "request", "version"]
     );
     assert_eq!(
         std::fs::read_dir(agent.state.join("ops")).unwrap().count(),
@@ -352,7 +352,7 @@ fn same_name_writers_on_the_kubernetes_backend_one_wins_with_its_own_resource() 
     );
     assert_eq!(
         root_names(&agent),
-        ["README", "errors", "request", "version"]
+        ["README", "errors", "metrics", "request", "version"]
     );
     let loser = if winner == users[0] {
         users[1]

@@ -454,8 +454,10 @@ impl Agent {
         });
         let deadline = self.backend().deadline(self.config.request_timeout);
         let worker = attempt.clone();
+        let started = std::time::Instant::now();
         let checks = self.rt.spawn_blocking(move || {
             let result = worker.agent.create_checked(&worker, input);
+            crate::metrics::answered(worker.who.uid, started, &result);
             worker.answer(result);
         });
         self.rt.spawn(async move {
@@ -789,6 +791,7 @@ impl Agent {
 
     /// Records a rejection for the `errors` file and the log.
     fn reject(&self, who: &Requester, rejection: &Rejection) {
+        crate::metrics::rejected(who.uid, rejection.errno);
         let line = format!(
             "{} {} {}",
             rfc3339(SystemTime::now()),

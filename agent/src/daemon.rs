@@ -130,11 +130,15 @@ impl Drop for Core {
 impl Core {
     fn with(&self, backend: Arc<dyn agent::Backend>) -> Arc<Agent> {
         let rt = self.rt.as_ref().expect("runtime lives as long as the core");
-        Agent::new(
-            AgentConfig { ..self.config },
-            rt.handle().clone(),
-            self.notify.clone(),
-            backend,
+        let name = backend.name();
+        crate::metrics::install(
+            Agent::new(
+                AgentConfig { ..self.config },
+                rt.handle().clone(),
+                self.notify.clone(),
+                backend,
+            ),
+            name,
         )
     }
 }
@@ -354,6 +358,8 @@ fn serve(
         Some(crate::grpc::start(agent.clone(), &args.socket, backend)?)
     };
 
+    crate::metrics::serve_http(agent, args.metrics_bind_address.0)
+        .map_err(|e| Error::with("--metrics-bind-address", e))?;
     let mounted = if args.mountpoint.as_os_str().is_empty() {
         tracing::info!(socket = %args.socket.display(), backend, restored, "nnf-dm serving the gRPC socket alone (--mountpoint '')");
         None

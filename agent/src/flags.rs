@@ -93,6 +93,10 @@ pub struct RunArgs {
     /// Unix socket of the upstream gRPC DataMover API; '' disables it.
     #[arg(long, default_value = "/var/run/nnf-dm.sock", value_parser = path_or_empty)]
     pub socket: PathBuf,
+    /// Serve the `metrics` file's aggregates on HTTP /metrics: `:8080`
+    /// (every interface), `HOST:PORT`, or `0` (off).
+    #[arg(long, default_value = "0", value_parser = metrics_bind)]
+    pub metrics_bind_address: MetricsBind,
 
     #[command(flatten)]
     pub kube: KubeArgs,
@@ -167,6 +171,16 @@ impl KubeArgs {
         note(self.kubernetes_timeout.is_some(), "--kubernetes-timeout");
         given
     }
+}
+
+/// A parsed `--metrics-bind-address`: `None` is off.
+#[derive(Clone, Copy, Debug)]
+pub struct MetricsBind(pub Option<std::net::SocketAddr>);
+
+fn metrics_bind(value: &str) -> Result<MetricsBind, String> {
+    daemon_common::metrics_http::parse_bind_address(value)
+        .map(MetricsBind)
+        .map_err(|e| e.to_string())
 }
 
 /// Like clap's path parser, but lets `''` through (it means "disabled").

@@ -9,6 +9,7 @@ mod flags;
 mod grpc;
 mod kube;
 mod local;
+mod metrics;
 mod op;
 mod profiles;
 mod request;

@@ -270,6 +270,7 @@ impl Operation {
             status.message.clone(),
         );
         change(&mut status);
+        crate::metrics::updated(self, before.0, &status);
         let visible = before
             != (
                 status.state,

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// Names that live at the root of the control filesystem.
-pub const RESERVED_NAMES: [&str; 4] = ["README", "version", "request", "errors"];
+pub const RESERVED_NAMES: [&str; 5] = ["README", "version", "request", "errors", "metrics"];
 
 /// A parsed, validated request. `None` means the key was not given.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

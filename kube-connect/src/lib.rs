@@ -21,14 +21,18 @@
 //! # Ok(()) }
 //! ```
 
+mod observe;
 mod ratelimit;
 mod token;
+
+use std::sync::Arc;
 
 use std::path::{Path, PathBuf};
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
+pub use observe::{ObserveLayer, ObserveService, Observer, Target};
 pub use ratelimit::{kind_of, RateLimitLayer, RateLimitService};
 pub use token::{TokenFileLayer, TokenFileService};
 
@@ -232,6 +236,15 @@ impl Connection {
     /// A client for these settings, with the client-side rate limit when
     /// `qps` is set. Every clone of the returned client shares one limit.
     pub async fn client(&self) -> Result<kube::Client, ConnectError> {
+        self.client_observed(None).await
+    }
+
+    /// [`client`](Self::client), telling `observer` (when given) of every
+    /// request and of every wait on the rate limit.
+    pub async fn client_observed(
+        &self,
+        observer: Option<Arc<dyn Observer>>,
+    ) -> Result<kube::Client, ConnectError> {
         let config = self.config().await?;
         let builder =
             kube::client::ClientBuilder::try_from(config).map_err(ConnectError::Client)?;
@@ -241,10 +254,15 @@ impl Connection {
             .filter(|_| self.explicit())
             .map(|p| TokenFileLayer::new(absolute(p)));
         let builder = builder.with_layer(&tower::util::option_layer(token));
+        // Under the rate limit: a request counts when it is sent.
+        let observe = observer.clone().map(ObserveLayer::new);
+        let builder = builder.with_layer(&tower::util::option_layer(observe));
         Ok(match self.rate() {
             Some(r) => {
                 let (qps, burst) = r?;
-                builder.with_layer(&RateLimitLayer::new(qps, burst)).build()
+                builder
+                    .with_layer(&RateLimitLayer::new(qps, burst).observed(observer))
+                    .build()
             }
             None => builder.build(),
         })

@@ -23,11 +23,13 @@ use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tower::buffer::Buffer;
 use tower::{BoxError, Layer, Service, ServiceExt};
+
+use crate::observe::{Observer, Target};
 
 /// How many requests may queue for the inner service; far above what the
 /// daemons have in flight.
@@ -38,6 +40,7 @@ const QUEUE: usize = 1024;
 #[derive(Clone)]
 pub struct RateLimitLayer {
     buckets: Arc<Buckets>,
+    observer: Option<Arc<dyn Observer>>,
 }
 
 struct Buckets {
@@ -77,7 +80,15 @@ impl RateLimitLayer {
                 quota,
                 by_kind: Mutex::new(HashMap::new()),
             }),
+            observer: None,
         }
+    }
+
+    /// Tells `observer` how long each request that had to wait for its
+    /// token waited.
+    pub fn observed(mut self, observer: Option<Arc<dyn Observer>>) -> Self {
+        self.observer = observer;
+        self
     }
 }
 
@@ -114,6 +125,7 @@ where
         RateLimitService {
             inner: Buffer::new(inner, QUEUE),
             buckets: self.buckets.clone(),
+            observer: self.observer.clone(),
         }
     }
 }
@@ -123,6 +135,7 @@ where
 pub struct RateLimitService<F> {
     inner: Buffer<Request, F>,
     buckets: Arc<Buckets>,
+    observer: Option<Arc<dyn Observer>>,
 }
 
 impl<F: Send + 'static> Clone for RateLimitService<F> {
@@ -130,6 +143,7 @@ impl<F: Send + 'static> Clone for RateLimitService<F> {
         RateLimitService {
             inner: self.inner.clone(),
             buckets: self.buckets.clone(),
+            observer: self.observer.clone(),
         }
     }
 }
@@ -153,9 +167,16 @@ where
     fn call(&mut self, req: Request) -> Self::Future {
         let bucket = self.buckets.of(&kind_of(req.uri().path()));
         let inner = self.inner.clone();
+        let observer = self.observer.clone();
         Box::pin(async move {
             if bucket.check().is_err() {
+                let started = Instant::now();
+                // Cancelled while waiting (the caller gave up): nothing waited
+                // to the end, nothing is reported.
                 bucket.until_ready().await;
+                if let Some(observer) = observer {
+                    observer.rate_limited(&Target::of_path(req.uri().path()), started.elapsed());
+                }
             }
             inner.oneshot(req).await
         })

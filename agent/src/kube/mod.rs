@@ -74,7 +74,11 @@ impl KubeBackend {
             .build()
             .map_err(|e| format!("cannot start the Kubernetes runtime: {e}"))?;
         let client = rt
-            .block_on(settings.connection.client())
+            .block_on(
+                settings
+                    .connection
+                    .client_observed(crate::metrics::kube_observer()),
+            )
             .map_err(|e| e.to_string())?;
         let rabbit = match settings.rabbit.filter(|r| !r.is_empty()) {
             Some(r) => r,
