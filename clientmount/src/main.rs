@@ -5,14 +5,17 @@
 //! watched in namespaces `<node>` and `default`) and the embedded
 //! `--spec-dir DIR` mode (JSON files, no API server).
 
+mod controller;
 mod exec;
 mod inotify;
 mod kubemode;
+mod metrics;
 mod mount;
 mod mountinfo;
 mod nvme;
 mod plan;
 mod reconcile;
+mod signals;
 mod specdir;
 mod vars;
 
@@ -410,7 +413,7 @@ fn main() -> ExitCode {
     let mapper = mapper_wait(env("NNF_MAPPER_WAIT_TIMEOUT").as_deref());
     // Before any thread exists, so every thread inherits the mask and the
     // signals are only ever taken by the daemon's sigwait thread.
-    specdir::block_signals();
+    signals::block_signals();
     limit_malloc_arenas();
     let (level, format, time) = log_settings(&cli);
     init_logging(&level, format, time);
@@ -452,6 +455,7 @@ fn main() -> ExitCode {
         mock: cli.mock.unwrap_or(false),
         device_dir: cli.device_dir,
         shutdown: AtomicBool::new(false),
+        metrics: Arc::new(metrics::Metrics::default()),
     });
     tracing::debug!(
         device_dir = %cfg.device_dir.display(),
