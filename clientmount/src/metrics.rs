@@ -10,7 +10,8 @@
 //! never asks the API server or the spec directory.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nnf_api::{ClientMountState, ClientMountStatus};
@@ -35,7 +36,6 @@ struct CommandLabels {
     command: String,
 }
 
-#[allow(dead_code)] // rendered by the metrics endpoint
 pub struct Metrics {
     registry: Registry,
     reconciles: Counter,
@@ -163,7 +163,6 @@ impl Metrics {
     }
 
     /// The OpenMetrics text of a scrape.
-    #[allow(dead_code)]
     pub fn render(&self) -> String {
         let mut text = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
@@ -171,6 +170,23 @@ impl Metrics {
         }
         text
     }
+}
+
+/// Serves `metrics` on `addr` (`None`: `--metrics-bind-address 0`, off)
+/// from the current runtime. Bound before the daemon does anything else,
+/// so a busy port is a start-up error naming the address.
+pub async fn serve(addr: Option<SocketAddr>, metrics: Arc<Metrics>) -> Result<(), String> {
+    let Some(addr) = addr else {
+        return Ok(());
+    };
+    let render: daemon_common::metrics_http::Render = Arc::new(move || metrics.render());
+    daemon_common::metrics_http::serve(addr, render)
+        .await
+        .map(|_| ())
+        .map_err(|e| match std::error::Error::source(&e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        })
 }
 
 #[cfg(test)]

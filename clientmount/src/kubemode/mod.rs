@@ -291,12 +291,18 @@ async fn watch_namespace(shared: Arc<Shared<Kube>>, ns: String, stop: &Stop) {
 
 /// Run the Kubernetes driver until SIGTERM/SIGINT. The connection settings
 /// were checked by the caller.
-pub fn run(conn: kube_connect::Connection, cfg: Arc<Config>, node: String) -> Result<(), String> {
+pub fn run(
+    conn: kube_connect::Connection,
+    cfg: Arc<Config>,
+    node: String,
+    metrics_addr: Option<std::net::SocketAddr>,
+) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))?;
     rt.block_on(async move {
+        crate::metrics::serve(metrics_addr, cfg.metrics.clone()).await?;
         let client = conn.client().await.map_err(|e| e.to_string())?;
         let stop = Arc::new(Stop::default());
         {

@@ -335,7 +335,12 @@ impl SpecDir {
 }
 
 /// Run the spec-dir daemon until SIGTERM/SIGINT.
-pub fn run(dir: PathBuf, cfg: Arc<Config>, node: String) -> Result<(), String> {
+pub fn run(
+    dir: PathBuf,
+    cfg: Arc<Config>,
+    node: String,
+    metrics_addr: Option<std::net::SocketAddr>,
+) -> Result<(), String> {
     let dir = fs::canonicalize(&dir).map_err(|e| format!("--spec-dir {}: {e}", dir.display()))?;
     if !dir.is_dir() {
         return Err(format!("--spec-dir {}: not a directory", dir.display()));
@@ -345,6 +350,7 @@ pub fn run(dir: PathBuf, cfg: Arc<Config>, node: String) -> Result<(), String> {
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))?;
     rt.block_on(async move {
+        crate::metrics::serve(metrics_addr, cfg.metrics.clone()).await?;
         let stop = Arc::new(Stop::default());
         {
             let (stop, cfg) = (stop.clone(), cfg.clone());
