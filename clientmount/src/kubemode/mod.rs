@@ -81,7 +81,14 @@ impl controller::Driver for Kube {
             let Some(obj) = prepared else {
                 return Ok(());
             };
-            let deleting = obj.metadata.deletion_timestamp.is_some();
+            // Only then does `finalizer()` run the cleanup and remove ours.
+            let deleting = obj.metadata.deletion_timestamp.is_some()
+                && obj
+                    .metadata
+                    .finalizers
+                    .iter()
+                    .flatten()
+                    .any(|f| f == CLIENTMOUNT_FINALIZER);
             let uid = obj.metadata.uid.clone();
             let api = self.cm_api(obj.metadata.namespace.as_deref().unwrap_or_default());
             let me = self.clone();
@@ -107,7 +114,7 @@ impl controller::Driver for Kube {
                     true
                 }
                 Err(e) => {
-                    warn!(error = %e, "finalizer");
+                    warn!(error = %e, "could not change the finalizer");
                     return Err(Error::Transient(e.to_string()));
                 }
             };
