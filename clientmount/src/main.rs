@@ -5,14 +5,18 @@
 //! watched in namespaces `<node>` and `default`) and the embedded
 //! `--spec-dir DIR` mode (JSON files, no API server).
 
+mod controller;
 mod exec;
 mod inotify;
 mod kubemode;
+mod logging;
+mod metrics;
 mod mount;
 mod mountinfo;
 mod nvme;
 mod plan;
 mod reconcile;
+mod signals;
 mod specdir;
 mod vars;
 
@@ -22,13 +26,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
+use logging::{init_logging, LogFormat, TimeFormat};
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
@@ -127,6 +127,12 @@ struct Cli {
     /// kubeconfig file (Kubernetes mode).
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
+
+    /// Where Prometheus metrics are served (`/metrics`), as
+    /// controller-runtime spells it: `:PORT` (every interface), `HOST:PORT`,
+    /// or `0` (off). Both modes.
+    #[arg(long, default_value = ":8080", value_name = "ADDR")]
+    metrics_bind_address: String,
 }
 
 /// A `--command-timeout`: a duration, or `0` for none.
@@ -278,68 +284,6 @@ fn limit_malloc_arenas() {
     }
 }
 
-/// Time stamps of log lines, `--zap-time-encoding` or tracing's default.
-#[derive(Debug, Clone, Copy)]
-enum TimeFormat {
-    Default,
-    Epoch,
-    Millis,
-    Nano,
-    Iso8601,
-    Rfc3339,
-    Rfc3339Nano,
-}
-
-/// Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
-fn civil(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
-impl TimeFormat {
-    fn render(self, since_epoch: Duration) -> String {
-        let secs = since_epoch.as_secs() as i64;
-        let nanos = since_epoch.subsec_nanos();
-        let date = || {
-            let (y, mo, d) = civil(secs.div_euclid(86_400));
-            let t = secs.rem_euclid(86_400);
-            format!(
-                "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}",
-                t / 3600,
-                t / 60 % 60,
-                t % 60
-            )
-        };
-        match self {
-            TimeFormat::Epoch => format!("{secs}.{nanos:09}"),
-            TimeFormat::Millis => format!("{}.{:06}", since_epoch.as_millis(), nanos % 1_000_000),
-            TimeFormat::Nano => since_epoch.as_nanos().to_string(),
-            TimeFormat::Iso8601 => format!("{}.{:03}Z", date(), nanos / 1_000_000),
-            TimeFormat::Rfc3339 => format!("{}Z", date()),
-            TimeFormat::Rfc3339Nano | TimeFormat::Default => format!("{}.{nanos:09}Z", date()),
-        }
-    }
-}
-
-impl tracing_subscriber::fmt::time::FormatTime for TimeFormat {
-    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
-        if let TimeFormat::Default = self {
-            return tracing_subscriber::fmt::time::SystemTime.format_time(w);
-        }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        w.write_str(&self.render(now))
-    }
-}
-
 /// Our log settings from ours and upstream's flags. Precedence:
 /// `RUST_LOG` > `--zap-log-level` > `--zap-devel` (debug) > info, and
 /// `--log-format` > `--zap-encoder` > `--zap-devel=false` (json, zap's
@@ -372,21 +316,6 @@ fn log_settings(cli: &Cli) -> (String, LogFormat, TimeFormat) {
     (level.to_string(), format, time)
 }
 
-fn init_logging(level: &str, format: LogFormat, time: TimeFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_target(false)
-        .with_timer(time);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn describe_timeout(t: Option<Duration>) -> String {
     t.map(|d| format!("{d:?}")).unwrap_or_else(|| "none".into())
 }
@@ -407,10 +336,18 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let metrics_addr =
+        match daemon_common::metrics_http::parse_bind_address(&cli.metrics_bind_address) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("clientmountd: --metrics-bind-address: {e}");
+                return ExitCode::from(1);
+            }
+        };
     let mapper = mapper_wait(env("NNF_MAPPER_WAIT_TIMEOUT").as_deref());
     // Before any thread exists, so every thread inherits the mask and the
     // signals are only ever taken by the daemon's sigwait thread.
-    specdir::block_signals();
+    signals::block_signals();
     limit_malloc_arenas();
     let (level, format, time) = log_settings(&cli);
     init_logging(&level, format, time);
@@ -452,6 +389,7 @@ fn main() -> ExitCode {
         mock: cli.mock.unwrap_or(false),
         device_dir: cli.device_dir,
         shutdown: AtomicBool::new(false),
+        metrics: Arc::new(metrics::Metrics::default()),
     });
     tracing::debug!(
         device_dir = %cfg.device_dir.display(),
@@ -474,7 +412,7 @@ fn main() -> ExitCode {
                 command_timeout = %describe_timeout(cfg.command_timeout),
                 "clientmountd starting in spec-dir mode"
             );
-            specdir::run(spec_dir, cfg, node)
+            specdir::run(spec_dir, cfg, node, metrics_addr)
         }
         None => {
             tracing::info!(
@@ -483,7 +421,7 @@ fn main() -> ExitCode {
                 command_timeout = %describe_timeout(cfg.command_timeout),
                 "clientmountd starting in Kubernetes mode"
             );
-            kubemode::run(conn, cfg, node)
+            kubemode::run(conn, cfg, node, metrics_addr)
         }
     };
     match result {
@@ -564,24 +502,6 @@ mod tests {
             "epoch"
         ])
         .is_ok());
-    }
-
-    #[test]
-    fn time_encodings() {
-        let t = Duration::new(1_700_000_000, 123_456_789);
-        assert_eq!(TimeFormat::Epoch.render(t), "1700000000.123456789");
-        assert_eq!(TimeFormat::Millis.render(t), "1700000000123.456789");
-        assert_eq!(TimeFormat::Nano.render(t), "1700000000123456789");
-        assert_eq!(TimeFormat::Iso8601.render(t), "2023-11-14T22:13:20.123Z");
-        assert_eq!(TimeFormat::Rfc3339.render(t), "2023-11-14T22:13:20Z");
-        assert_eq!(
-            TimeFormat::Rfc3339Nano.render(t),
-            "2023-11-14T22:13:20.123456789Z"
-        );
-        assert_eq!(
-            TimeFormat::Rfc3339.render(Duration::ZERO),
-            "1970-01-01T00:00:00Z"
-        );
     }
 
     #[test]

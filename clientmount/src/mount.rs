@@ -32,6 +32,19 @@ pub struct Config {
     pub device_dir: PathBuf,
     /// Set on SIGTERM: finish the command in flight, start no other.
     pub shutdown: AtomicBool,
+    /// Where command durations are counted.
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+impl Config {
+    /// Every external command goes through here, so each one's duration is
+    /// in the metrics.
+    pub fn exec(&self, cmdline: &str) -> Result<exec::Output, exec::ExecError> {
+        let started = std::time::Instant::now();
+        let result = exec::run(cmdline, self.command_timeout);
+        self.metrics.command_ran(cmdline, started.elapsed());
+        result
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -195,7 +208,9 @@ impl Runner<'_> {
     fn run(&self, step: &str, cmdline: &str) -> Result<(), StepError> {
         self.guard()?;
         info!(step, command = cmdline, "running");
-        let out = exec::run(cmdline, self.cfg.command_timeout)
+        let out = self
+            .cfg
+            .exec(cmdline)
             .map_err(|e| fail(&format!("{step} failed"), e))?;
         debug!(step, stdout = %out.stdout.trim(), stderr = %out.stderr.trim(), "command output");
         Ok(())
@@ -205,7 +220,8 @@ impl Runner<'_> {
     fn query(&self, what: &str, cmdline: &str) -> Result<String, StepError> {
         self.guard()?;
         debug!(command = cmdline, "querying");
-        exec::run(cmdline, self.cfg.command_timeout)
+        self.cfg
+            .exec(cmdline)
             .map(|o| o.stdout)
             .map_err(|e| fail(&format!("could not list {what}"), e))
     }
@@ -314,7 +330,7 @@ impl Runner<'_> {
             command = cmd.as_str(),
             "running"
         );
-        match exec::run(cmd, self.cfg.command_timeout) {
+        match self.cfg.exec(cmd) {
             Ok(_) => Ok(()),
             Err(e) if lvmlockd_not_running(&e.to_string()) => {
                 info!(vg = %lvm.vg, "lvmlockd is not running: the lock space is already stopped");

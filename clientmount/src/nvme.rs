@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 
 use tracing::{info, warn};
 
-use crate::exec;
 use crate::mount::Config;
 
 /// `nvme<N>` (controllers) or `nvme<N>n<M>` (namespaces) in `dir`, sorted.
@@ -43,7 +42,7 @@ pub fn rescan(cfg: &Config) -> Result<(), String> {
             "nvme ns-rescan {}",
             crate::vars::shell_quote(&ctrl.display().to_string())
         );
-        exec::run(&cmd, cfg.command_timeout)
+        cfg.exec(&cmd)
             .map_err(|e| format!("could not rescan NVMe device: {e}"))?;
     }
     let after = devices(&cfg.nvme_dir, true)?;
@@ -69,7 +68,8 @@ pub fn rescan(cfg: &Config) -> Result<(), String> {
 /// Every namespace `nvme list -v --output-format=json` shows, as
 /// `(subsystem NQN, NSID)` (upstream `NvmeListDevices`).
 pub fn list(cfg: &Config) -> Result<Vec<(String, String)>, String> {
-    let out = exec::run("nvme list -v --output-format=json", cfg.command_timeout)
+    let out = cfg
+        .exec("nvme list -v --output-format=json")
         .map_err(|e| format!("could not get NVMe device list: {e}"))?;
     parse_list(&out.stdout)
 }

@@ -1,6 +1,6 @@
-//! The reconcile core shared by the spec-dir driver and (later) the
-//! Kubernetes driver: from a ClientMount, its pinned profile and the
-//! Servers object to the new status. The driver persists the status.
+//! The reconcile core shared by the spec-dir and Kubernetes drivers: from a
+//! ClientMount, its pinned profile and the Servers object to the new
+//! status. The driver persists the status.
 
 use nnf_api::{
     ClientMount, ClientMountDeviceType, ClientMountInfoStatus, ClientMountState, ClientMountStatus,
@@ -26,8 +26,6 @@ pub enum Next {
     /// Failed in a way retrying alone cannot fix (bad spec, unpinned
     /// profile): retry on the slow backoff, or at once on a change.
     Wait,
-    /// The deleted object's finalizer is gone: never act on it again.
-    Finalized,
     /// Stopped early by shutdown; the status says what was done.
     Interrupted,
 }

@@ -328,8 +328,14 @@ impl Daemon {
             .append(true)
             .open(log)
             .expect("daemon log");
+        // Metrics off unless the test asks: the default port is one per
+        // machine, and tests run in parallel.
+        let mut args = args.to_vec();
+        if !args.iter().any(|a| a.starts_with("--metrics-bind-address")) {
+            args.push("--metrics-bind-address=0".to_string());
+        }
         let child = Command::new(clientmountd_bin())
-            .args(args)
+            .args(&args)
             .env("PATH", path)
             .env_remove("KUBERNETES_SERVICE_HOST")
             .env_remove("KUBERNETES_SERVICE_PORT")
