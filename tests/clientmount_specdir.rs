@@ -781,6 +781,33 @@ fn lvm_teardown(mount_first: bool, setup: impl FnOnce(&World, &Path)) -> Vec<Str
 }
 
 #[test]
+fn deletion_without_its_profile_finishes_when_nothing_is_mounted() {
+    let w = World::new();
+    let mnt = w.p("mnt/never");
+    // No profile object at all: the pinned profile never existed here.
+    w.put(
+        "cm",
+        &clientmount(
+            "mounted",
+            json!([lvm_mount(&mnt, "xfs", "vg", "lv-0", None)]),
+        ),
+    );
+    let d = w.start();
+    let st = wait_status(&w.spec(), "cm", &d, T, |s| s.get("error").is_some());
+    assert!(
+        st["error"]["debugMessage"]
+            .as_str()
+            .unwrap()
+            .contains("unable to find pinned storage profile"),
+        "{st}"
+    );
+    delete(&w, "cm");
+    wait_finalized(&w, &d, "cm");
+    assert!(w.commands().is_empty(), "{:?}", w.commands());
+    assert!(d.log_text().contains("nothing is mounted at any path"));
+}
+
+#[test]
 fn lvm_teardown_vg_never_appeared() {
     let ran = lvm_teardown(false, |_, _| {});
     assert!(ran.is_empty(), "{ran:?}");

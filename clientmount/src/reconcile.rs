@@ -94,6 +94,30 @@ pub fn reconcile(cm: &ClientMount, ctx: &Ctx) -> Outcome {
 
     let profile = match plan::find_profile(cm, ctx.profiles) {
         Ok(p) => p,
+        // No usable profile, so no unmount command can be built: when
+        // nothing is mounted at any path the mounts are unmounted, and a
+        // deletion (a Teardown) does not wait forever for a profile that
+        // may never come back. Upstream (nnf_clientmount_controller.go,
+        // `Reconcile`) requeues until the profile exists; we differ on
+        // purpose, as for the guarded LVM steps.
+        Err(e)
+            if desired == ClientMountState::Unmounted
+                && !cm
+                    .spec
+                    .mounts
+                    .iter()
+                    .any(|m| anything_mounted_at(&m.mount_path)) =>
+        {
+            warn!(error = %e.debug_message, "no usable storage profile, but nothing is mounted at any path: unmounted");
+            for entry in status.mounts.iter_mut() {
+                entry.ready = true;
+            }
+            status.all_ready = true;
+            return Outcome {
+                status,
+                next: Next::Done,
+            };
+        }
         Err(e) => {
             let next = if fatal(&e) { Next::Wait } else { Next::Retry };
             warn!(error = %e.debug_message, "no usable storage profile");
