@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::agent::{self, Agent, AgentConfig, Notify};
+use crate::agent::{self, Agent, AgentConfig, Events};
 use crate::flags::{BackendKind, LogFormat, RunArgs};
 use crate::kube;
 use crate::local::{LocalBackend, LocalConfig};
@@ -93,7 +93,7 @@ pub fn run(args: RunArgs) -> Result<(), Error> {
     let core = Core {
         config,
         rt: rt.handle().clone(),
-        notify: Notify::new(),
+        events: Events::new(),
     };
     let served = match backend {
         BackendKind::Local => run_local(core, &args, &signals),
@@ -108,12 +108,12 @@ pub fn run(args: RunArgs) -> Result<(), Error> {
 struct Core {
     config: AgentConfig,
     rt: tokio::runtime::Handle,
-    notify: Notify,
+    events: Events,
 }
 
 impl Core {
     fn with(self, backend: Arc<dyn agent::Backend>) -> Arc<Agent> {
-        Agent::new(self.config, self.rt, self.notify, backend)
+        Agent::new(self.config, self.rt, self.events, backend)
     }
 }
 
@@ -137,7 +137,7 @@ fn run_local(core: Core, args: &RunArgs, signals: &libc::sigset_t) -> Result<(),
             profiles,
             store,
         },
-        core.notify.clone(),
+        core.events.notify(),
     );
     let agent = &core.with(backend.clone());
     prepare_mountpoint(&args.mountpoint)?;
@@ -190,10 +190,12 @@ fn run_kube(core: Core, args: &RunArgs, signals: &libc::sigset_t) -> Result<(), 
         sys_config: k.sys_config.clone().unwrap_or_else(|| "default".into()),
         timeout: k.kubernetes_timeout.unwrap_or(Duration::from_secs(10)),
     };
-    let backend = kube::KubeBackend::connect(settings, core.notify.clone())?;
+    let backend = kube::KubeBackend::connect(settings, core.events.notify())?;
     let agent = &core.with(backend.clone());
     prepare_mountpoint(&args.mountpoint)?;
-    backend.start(agent);
+    backend.start();
+    // What the watches listed is visible before either door opens.
+    agent.settle();
     let restored = agent.list(0).len();
     serve(agent, args, "kubernetes", restored, signals, |_| Ok(()))
 }

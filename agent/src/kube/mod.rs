@@ -21,13 +21,13 @@ mod track;
 use std::any::Any;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use fuse_ctl::Errno;
 use kube::api::DynamicObject;
 
-use crate::agent::{Agent, Backend, Notify, Prepared, Rejection, Requester, Step};
+use crate::agent::{Backend, Notify, Prepared, Rejection, Requester, Step};
 use crate::op::{Operation, Status};
 use crate::request::Request;
 
@@ -53,8 +53,9 @@ pub struct KubeBackend {
     rt: tokio::runtime::Runtime,
     ctx: Arc<Ctx>,
     timeout: Duration,
+    /// How this backend reports to the core: status changes, operations
+    /// found in its watch, resources gone.
     notify: Notify,
-    agent: OnceLock<Weak<Agent>>,
     tracking: Mutex<Tracking>,
     me: Weak<KubeBackend>,
 }
@@ -122,7 +123,6 @@ impl KubeBackend {
             ctx,
             timeout: settings.timeout,
             notify,
-            agent: OnceLock::new(),
             tracking: Mutex::new(Tracking::default()),
             me: me.clone(),
         }))
@@ -131,8 +131,7 @@ impl KubeBackend {
     /// Starts one watch per namespace and waits (at most the timeout) until
     /// both listed what exists, so that a restarted agent shows every
     /// operation it created before it mounts. Returns whether both synced.
-    pub fn start(self: &Arc<Self>, agent: &Arc<Agent>) -> bool {
-        let _ = self.agent.set(Arc::downgrade(agent));
+    pub fn start(self: &Arc<Self>) -> bool {
         let mut namespaces = vec![DM_NAMESPACE.to_string(), self.ctx.rabbit.clone()];
         namespaces.dedup();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -159,10 +158,6 @@ impl KubeBackend {
             );
         }
         synced == namespaces.len()
-    }
-
-    fn agent(&self) -> Option<Arc<Agent>> {
-        self.agent.get().and_then(Weak::upgrade)
     }
 
     /// Runs `fut` on the runtime and waits at most the timeout (EAGAIN).
@@ -236,6 +231,12 @@ impl Backend for KubeBackend {
         let Some(me) = self.me.upgrade() else {
             return Err(Rejection::new(Errno::EIO, "the backend is shutting down"));
         };
+        // Its resource may show in the watch before the create answers.
+        self.tracking
+            .lock()
+            .unwrap()
+            .creating
+            .insert(op.name.clone(), op.clone());
         let abandoned = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let task_op = op.clone();
@@ -287,6 +288,7 @@ impl Backend for KubeBackend {
                 }
             }
         };
+        self.tracking.lock().unwrap().creating.remove(&op.name);
         let res = outcome?;
         tracing::info!(op = %op.name, namespace = %pending.namespace, resource = %res, "NnfDataMovement created");
         if op.cancel_requested.load(Ordering::Acquire) {

@@ -21,17 +21,16 @@ impl KubeBackend {
     /// (its creation's answer not yet seen), or one created before a restart.
     /// Returns whether it is tracked now.
     pub(super) fn adopt(&self, ns: &str, obj: &DynamicObject) -> bool {
-        let Some(agent) = self.agent() else {
-            return false;
-        };
         let res = obj.metadata.name.clone().unwrap_or_default();
         let note = note_of(obj);
-        let existing = agent.lookup(0, &note.name);
-        let op = match existing {
-            Some(op) if op.uid == note.uid => {
-                // Ours, in creation: `accept` will find it tracked.
-                op
-            }
+        let mut tracking = self.tracking.lock().unwrap();
+        if tracking.ops.contains_key(&note.name) {
+            tracing::warn!(resource = %format!("{ns}/{res}"), op = %note.name, "another resource stands for this operation: not listed");
+            return false;
+        }
+        let op = match tracking.creating.get(&note.name) {
+            // Ours, in creation: `accept` will find it tracked.
+            Some(op) if op.uid == note.uid => op.clone(),
             Some(_) => {
                 tracing::warn!(resource = %format!("{ns}/{res}"), op = %note.name, "an operation of another user has this name: not listed");
                 return false;
@@ -45,24 +44,19 @@ impl KubeBackend {
                     PathBuf::from(&note.request.destination),
                     Status::default(),
                 ));
-                if let Err(rejection) = agent.register(op.clone()) {
-                    tracing::warn!(resource = %format!("{ns}/{res}"), op = %note.name, "cannot list the operation again: {}", rejection.reason);
-                    return false;
-                }
-                tracing::info!(resource = %format!("{ns}/{res}"), op = %note.name, user = note.uid, "operation listed again");
+                // The core lists it (or says why not): the name may be
+                // taken by an operation of the core's.
+                self.notify.found(op.clone());
                 op
             }
         };
-        let mut tracking = self.tracking.lock().unwrap();
-        if !tracking.ops.contains_key(&op.name) {
-            tracking.insert(Tracked {
-                op,
-                namespace: ns.to_string(),
-                resource: res,
-                message: String::new(),
-                deletable: false,
-            });
-        }
+        tracking.insert(Tracked {
+            op,
+            namespace: ns.to_string(),
+            resource: res,
+            message: String::new(),
+            deletable: false,
+        });
         true
     }
 

@@ -35,6 +35,9 @@ pub(super) struct Tracking {
     pub(super) ops: HashMap<String, Tracked>,
     /// (namespace, resource name) → control-filesystem name.
     pub(super) keys: HashMap<(String, String), String>,
+    /// Operations whose resource is being created, by name: the watch may
+    /// see the resource before the create answers.
+    pub(super) creating: HashMap<String, Arc<Operation>>,
     /// Resources being deleted by us: their events are ignored.
     pub(super) deleting: HashSet<(String, String)>,
     /// Namespace → since when its watch fails, and why.
@@ -181,10 +184,10 @@ impl KubeBackend {
         let gone = tracking.remove_key(&key);
         drop(tracking);
         if let Some(t) = gone {
-            tracing::info!(op = %t.op.name, resource = %format!("{}/{}", key.0, key.1), "resource deleted: the operation is gone");
-            if let Some(agent) = self.agent() {
-                agent.forget(&t.op);
-            }
+            tracing::info!(op = %t.op.name, user = t.op.uid, resource = %format!("{}/{}", key.0, key.1), "resource deleted: the operation is gone");
+            t.op.removed
+                .store(true, std::sync::atomic::Ordering::Release);
+            self.notify.gone(t.op);
         }
     }
 }
