@@ -53,7 +53,9 @@ impl Step {
 /// needs to run it. The plan travels with the request, never by name, so
 /// that two writers of one name cannot swap what they prepared.
 pub struct Prepared {
-    pub op: Operation,
+    /// Shared already: a backend may hand it to its own trackers before
+    /// the core makes it visible.
+    pub op: Arc<Operation>,
     pub plan: Box<dyn Any + Send>,
 }
 

@@ -98,7 +98,7 @@ impl Agent {
             self.unreserve(who.uid, &reservation);
             return Err(abandoned());
         }
-        let op = Arc::new(prepared.op);
+        let op = prepared.op;
         if let Err(rejection) = self.register_reserved(op.clone(), &reservation) {
             self.backend().discard(&op, prepared.plan);
             self.unreserve(who.uid, &reservation);

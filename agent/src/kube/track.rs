@@ -51,6 +51,18 @@ impl Tracking {
         self.ops.insert(t.op.name.clone(), t);
     }
 
+    /// `op` is no longer being created (only this very one: its name may
+    /// have passed to another request).
+    pub(super) fn not_creating(&mut self, op: &Operation) {
+        if self
+            .creating
+            .get(&op.name)
+            .is_some_and(|o| std::ptr::eq(&**o, op))
+        {
+            self.creating.remove(&op.name);
+        }
+    }
+
     pub(super) fn remove_key(&mut self, key: &(String, String)) -> Option<Tracked> {
         let name = self.keys.remove(key)?;
         self.ops.remove(&name)
