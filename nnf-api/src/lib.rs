@@ -10,11 +10,13 @@
 //! not modelled and are ignored when parsing.
 
 pub mod clientmount;
+pub mod datamovement;
 pub mod meta;
 pub mod servers;
 pub mod storageprofile;
 
 pub use clientmount::*;
+pub use datamovement::*;
 pub use meta::*;
 pub use servers::*;
 pub use storageprofile::*;

@@ -11,10 +11,11 @@ use kube::core::ApiResource;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 
+use nnf_api::NnfDataMovement;
+
 use crate::agent::Rejection;
 
 use super::cache::Flight;
-use super::mapping::*;
 
 /// How long a Workflow read serves later creates. A workflow leaves PreRun
 /// when the workload manager moves it on (its job's compute phase ended, or
@@ -46,10 +47,6 @@ pub(super) fn resource(group: &str, version: &str, kind: &str, plural: &str) -> 
     }
 }
 
-pub(super) fn dm_resource() -> ApiResource {
-    resource(DM_GROUP, DM_VERSION, "NnfDataMovement", "nnfdatamovements")
-}
-
 pub(super) const DWS: &str = "dataworkflowservices.github.io";
 pub(super) const DWS_VERSION: &str = "v1alpha7";
 
@@ -74,8 +71,8 @@ impl Ctx {
         }
     }
 
-    pub(super) fn dms(&self, namespace: &str) -> Api<DynamicObject> {
-        self.api(&dm_resource(), Some(namespace))
+    pub(super) fn dms(&self, namespace: &str) -> Api<NnfDataMovement> {
+        Api::namespaced(self.client.clone(), namespace)
     }
 }
 

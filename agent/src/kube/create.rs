@@ -1,13 +1,18 @@
 //! Creation: the Rabbit lookup at startup and the checks, lookups and
 //! resource body of one request (steps 1–9 of the mapping).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use fuse_ctl::Errno;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DynamicObject, ListParams};
 use kube::runtime::reflector::Store;
-use serde_json::{json, Value};
+use nnf_api::{
+    NnfDataMovement, NnfDataMovementSpec, NnfDataMovementSpecSourceDest, ObjectReference,
+};
+use serde_json::Value;
 
 use crate::agent::{Rejection, Requester};
 use crate::request::Request;
@@ -18,7 +23,7 @@ use super::mapping::*;
 /// A request checked by `prepare`, created by `accept`.
 pub(super) struct Pending {
     pub(super) namespace: String,
-    pub(super) body: Value,
+    pub(super) body: NnfDataMovement,
 }
 
 /// Step 1 of the mapping: the Rabbit that serves `node`.
@@ -244,16 +249,18 @@ pub(super) async fn build(
         // A Lustre mount without a reference: the same global namespace.
         None => request.source.clone(),
     };
-    let mut source = json!({"path": rabbit_source});
-    if let Some(reference) = &device_ref {
-        source["storageReference"] =
-            serde_json::to_value(&reference.object_reference).unwrap_or(Value::Null);
-    }
+    let source = NnfDataMovementSpecSourceDest {
+        path: rabbit_source,
+        storage_reference: device_ref.as_ref().map(|r| r.object_reference.clone()),
+    };
 
     // 5. By mount type.
-    let mut labels = serde_json::Map::new();
-    labels.insert(INITIATOR_LABEL.into(), json!(ctx.node));
-    let mut destination = json!({"path": request.destination});
+    let mut labels = BTreeMap::new();
+    labels.insert(INITIATOR_LABEL.to_string(), ctx.node.clone());
+    let mut destination = NnfDataMovementSpecSourceDest {
+        path: request.destination.clone(),
+        storage_reference: None,
+    };
     let (namespace, generate_name) = if lustre {
         let Some(index) = directive_index else {
             return Err(Rejection::new(
@@ -261,7 +268,7 @@ pub(super) async fn build(
                 format!("ClientMount {compute_key} has no label {DIRECTIVE_INDEX_LABEL}"),
             ));
         };
-        labels.insert(DIRECTIVE_INDEX_LABEL.into(), json!(index));
+        labels.insert(DIRECTIVE_INDEX_LABEL.to_string(), index);
         let list = synced(&ctx.lustre, "LustreFileSystems").await?;
         let fs = list.iter().find(|fs| {
             fs.data["spec"]["mountRoot"]
@@ -277,10 +284,11 @@ pub(super) async fn build(
                 ),
             ));
         };
-        destination["storageReference"] = json!({
-            "kind": "LustreFileSystem",
-            "namespace": fs.metadata.namespace.clone().unwrap_or_default(),
-            "name": fs.metadata.name.clone().unwrap_or_default(),
+        destination.storage_reference = Some(ObjectReference {
+            kind: Some("LustreFileSystem".into()),
+            namespace: Some(fs.metadata.namespace.clone().unwrap_or_default()),
+            name: Some(fs.metadata.name.clone().unwrap_or_default()),
+            ..Default::default()
         });
         (DM_NAMESPACE.to_string(), "nnf-dm-")
     } else {
@@ -341,7 +349,7 @@ pub(super) async fn build(
         (OWNER_UID_LABEL, wf_uid.as_str()),
         (TEARDOWN_LABEL, "PostRun"),
     ] {
-        labels.insert(key.into(), json!(value));
+        labels.insert(key.to_string(), value.to_string());
     }
     let note = OperationNote {
         name,
@@ -349,31 +357,35 @@ pub(super) async fn build(
         gid: who.gid,
         request: request.clone(),
     };
-    let body = json!({
-        "apiVersion": format!("{DM_GROUP}/{DM_VERSION}"),
-        "kind": "NnfDataMovement",
-        "metadata": {
-            "generateName": generate_name,
-            "namespace": namespace,
-            "labels": labels,
-            "annotations": {
-                OPERATION_ANNOTATION: serde_json::to_string(&note).unwrap_or_default(),
-            },
-        },
-        "spec": {
-            "source": source,
-            "destination": destination,
-            // 7. Identity.
-            "userId": who.uid,
-            "groupId": who.gid,
-            "profileReference": {
-                "kind": "NnfDataMovementProfile",
-                "name": profile,
-                "namespace": PROFILE_NAMESPACE,
-            },
-            // 9. User options.
-            "userConfig": user_config(&request),
-        },
-    });
+    let metadata = ObjectMeta {
+        generate_name: Some(generate_name.into()),
+        namespace: Some(namespace.clone()),
+        labels: Some(labels),
+        annotations: Some(
+            [(
+                OPERATION_ANNOTATION.to_string(),
+                serde_json::to_string(&note).unwrap_or_default(),
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    let spec = NnfDataMovementSpec {
+        source: Some(source),
+        destination: Some(destination),
+        // 7. Identity.
+        user_id: i64::from(who.uid),
+        group_id: i64::from(who.gid),
+        cancel: false,
+        profile_reference: Some(ObjectReference {
+            kind: Some("NnfDataMovementProfile".into()),
+            name: Some(profile),
+            namespace: Some(PROFILE_NAMESPACE.into()),
+            ..Default::default()
+        }),
+        // 9. User options.
+        user_config: Some(user_config(&request)),
+    };
+    let body = NnfDataMovement::new(metadata, spec);
     Ok((request, Pending { namespace, body }))
 }

@@ -11,8 +11,6 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use kube::api::DynamicObject;
-
 use crate::agent::Rejection;
 use crate::op::Operation;
 
@@ -66,16 +64,10 @@ impl KubeBackend {
         let task_op = op.clone();
         self.rt.spawn(async move {
             let api = me.ctx.dms(&ns);
-            let result = match serde_json::from_value::<DynamicObject>(body) {
-                Ok(obj) => retry::create_with_fresh_name(&api, &obj)
-                    .await
-                    .map(|created| created.metadata.name.unwrap_or_default())
-                    .map_err(|e| api_rejection("creating the NnfDataMovement", &e)),
-                Err(e) => Err(Rejection::new(
-                    fuse_ctl::Errno::EIO,
-                    format!("building the resource: {e}"),
-                )),
-            };
+            let result = retry::create_with_fresh_name(&api, &body)
+                .await
+                .map(|created| created.metadata.name.unwrap_or_default())
+                .map_err(|e| api_rejection("creating the NnfDataMovement", &e));
             let mut state = theirs.state.lock().unwrap();
             if state.abandoned {
                 drop(state);

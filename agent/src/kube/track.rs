@@ -6,15 +6,14 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures::StreamExt;
-use kube::api::DynamicObject;
 use kube::runtime::reflector;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
+use nnf_api::NnfDataMovement;
 
 use crate::op::Operation;
 use crate::timefmt::rfc3339;
 
-use super::api::*;
 use super::mapping::*;
 use super::KubeBackend;
 
@@ -74,7 +73,7 @@ impl KubeBackend {
         let api = self.ctx.dms(&ns);
         let config =
             watcher::Config::default().labels(&format!("{INITIATOR_LABEL}={}", self.ctx.node));
-        let writer = reflector::store::Writer::<DynamicObject>::new(dm_resource());
+        let writer = reflector::store::Writer::<NnfDataMovement>::default();
         let reader = writer.as_reader();
         let stream = reflector::reflector(writer, watcher::watcher(api, config).default_backoff());
         let mut stream = std::pin::pin!(stream);
@@ -141,7 +140,7 @@ impl KubeBackend {
     }
 
     /// An object of ours was added or changed.
-    pub(super) fn observe(&self, ns: &str, obj: &DynamicObject) {
+    pub(super) fn observe(&self, ns: &str, obj: &NnfDataMovement) {
         let Some(res) = obj.metadata.name.clone() else {
             return;
         };
@@ -150,7 +149,7 @@ impl KubeBackend {
             // Rule 1: being deleted is gone.
             return self.deleted(ns, obj);
         }
-        let view = DmView::of(&obj.data);
+        let view = DmView::of(obj);
         let mut tracking = self.tracking.lock().unwrap();
         if tracking.deleting.contains(&key) {
             return;
@@ -184,7 +183,7 @@ impl KubeBackend {
     }
     /// A resource of ours was deleted, or is being deleted: its operation
     /// disappears.
-    pub(super) fn deleted(&self, ns: &str, obj: &DynamicObject) {
+    pub(super) fn deleted(&self, ns: &str, obj: &NnfDataMovement) {
         let Some(res) = obj.metadata.name.clone() else {
             return;
         };
