@@ -969,6 +969,30 @@ fn startup_checks_and_api_down_at_start() {
         .status
         .success());
     assert_eq!(cluster.dm_of("s1")["metadata"]["namespace"], RABBIT);
+    // Kept current: the node moved to another Rabbit, new copies go there
+    // (which has no mount of the workflow yet: ENOENT names it).
+    cluster
+        .server
+        .modify_object("SystemConfiguration", "default", "default", |o| {
+            o["spec"]["storageNodes"] = json!([
+                {"name": RABBIT, "type": "Rabbit", "computesAccess": []},
+                {"name": "rabbit-2", "type": "Rabbit", "computesAccess": [{"name": NODE, "index": 0}]},
+            ]);
+        })
+        .unwrap()
+        .unwrap();
+    assert!(
+        wait_until(LONG, || write_as(
+            &agent,
+            None,
+            "workflow=wf1 namespace=default source=/mnt/nnf/gfs-1/a destination=/x"
+        ) == "ENOENT"
+            && last_error(&agent, None).contains("on Rabbit rabbit-2")),
+        "{}\n{}",
+        errors_of(&agent, None),
+        agent.log()
+    );
+    assert!(agent.log().contains("moved this node to another Rabbit"));
     drop(agent);
 
     // With --nnf-node-name and the API down: the agent serves anyway,

@@ -38,7 +38,6 @@ macro_rules! namespaced_resource {
         }
     };
 }
-#[allow(unused_imports)]
 pub(crate) use namespaced_resource;
 
 pub const NNF_GROUP: &str = "nnf.cray.hpe.com";

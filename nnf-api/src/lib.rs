@@ -14,12 +14,14 @@ pub mod datamovement;
 pub mod meta;
 pub mod servers;
 pub mod storageprofile;
+pub mod typed;
 
 pub use clientmount::*;
 pub use datamovement::*;
 pub use meta::*;
 pub use servers::*;
 pub use storageprofile::*;
+pub use typed::*;
 
 #[cfg(test)]
 mod tests {

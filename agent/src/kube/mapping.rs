@@ -12,8 +12,6 @@ use serde::Deserialize;
 use crate::op::{Counters, Outcome, State, Status};
 use crate::request::Request;
 
-pub const DM_GROUP: &str = "nnf.cray.hpe.com";
-pub const DM_VERSION: &str = "v1alpha11";
 /// Namespace of Lustre copies.
 pub const DM_NAMESPACE: &str = "nnf-dm-system";
 /// Namespace of the data-movement profiles.

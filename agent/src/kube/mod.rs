@@ -17,6 +17,7 @@ mod mapping;
 mod restart;
 mod retry;
 mod submit;
+mod sysconfig;
 mod track;
 
 use std::any::Any;
@@ -32,8 +33,9 @@ use crate::op::{Operation, Status};
 use crate::request::Request;
 
 use api::*;
-use create::{build, find_rabbit};
-use mapping::{DM_GROUP, DM_NAMESPACE, DM_VERSION, PROFILE_NAMESPACE};
+use create::build;
+use kube::runtime::watcher;
+use mapping::{DM_NAMESPACE, PROFILE_NAMESPACE};
 use submit::Created;
 use track::{Tracked, Tracking};
 
@@ -58,6 +60,8 @@ pub struct KubeBackend {
     /// found in its watch, resources gone.
     notify: Notify,
     tracking: Mutex<Tracking>,
+    /// The SystemConfiguration's later answers, until `start` follows them.
+    lookups: Mutex<Option<tokio::sync::watch::Receiver<sysconfig::Lookup>>>,
     me: Weak<KubeBackend>,
 }
 
@@ -78,46 +82,42 @@ impl KubeBackend {
         let client = rt
             .block_on(settings.connection.client())
             .map_err(|e| e.to_string())?;
-        let rabbit = match settings.rabbit.filter(|r| !r.is_empty()) {
-            Some(r) => r,
-            None => rt.block_on(find_rabbit(
-                &client,
-                &settings.sys_config,
-                &settings.node,
-                settings.timeout,
-            ))?,
+        let (rabbit, lookups) = match settings.rabbit.filter(|r| !r.is_empty()) {
+            Some(r) => (r, None),
+            None => {
+                let (r, lookups) = sysconfig::follow(
+                    &rt,
+                    &client,
+                    &settings.sys_config,
+                    &settings.node,
+                    settings.timeout,
+                )?;
+                (r, Some(lookups))
+            }
         };
         tracing::info!(node = %settings.node, rabbit = %rabbit, "kubernetes backend connected");
         let ctx = Arc::new(Ctx {
             lustre: mirror(
                 &rt,
                 &client,
-                resource(
-                    "lus.cray.hpe.com",
-                    "v1beta1",
-                    "LustreFileSystem",
-                    "lustrefilesystems",
-                ),
                 None,
+                watcher::Config::default(),
                 "LustreFileSystems",
+                None,
             ),
             profiles: mirror(
                 &rt,
                 &client,
-                resource(
-                    DM_GROUP,
-                    DM_VERSION,
-                    "NnfDataMovementProfile",
-                    "nnfdatamovementprofiles",
-                ),
                 Some(PROFILE_NAMESPACE),
+                watcher::Config::default(),
                 "NnfDataMovementProfiles",
+                None,
             ),
             workflows: cache::Flight::new(WORKFLOW_TTL),
             mounts: cache::Flight::new(MOUNTS_TTL),
             client,
             node: settings.node,
-            rabbit,
+            rabbit: std::sync::RwLock::new(rabbit),
         });
         Ok(Arc::new_cyclic(|me| KubeBackend {
             rt,
@@ -125,6 +125,7 @@ impl KubeBackend {
             timeout: settings.timeout,
             notify,
             tracking: Mutex::new(Tracking::default()),
+            lookups: Mutex::new(lookups),
             me: me.clone(),
         }))
     }
@@ -133,8 +134,12 @@ impl KubeBackend {
     /// both listed what exists, so that a restarted agent shows every
     /// operation it created before it mounts. Returns whether both synced.
     pub fn start(self: &Arc<Self>) -> bool {
-        let mut namespaces = vec![DM_NAMESPACE.to_string(), self.ctx.rabbit.clone()];
+        let mut namespaces = vec![DM_NAMESPACE.to_string(), self.ctx.rabbit()];
         namespaces.dedup();
+        if let Some(lookups) = self.lookups.lock().unwrap().take() {
+            let watched = namespaces.iter().cloned().collect();
+            self.rt.spawn(self.clone().follow_rabbit(lookups, watched));
+        }
         let (tx, rx) = std::sync::mpsc::channel();
         for ns in &namespaces {
             let me = self.clone();
