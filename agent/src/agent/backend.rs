@@ -36,16 +36,33 @@ pub struct Requester {
 
 /// What a backend's `prepare` is doing right now, for the message of a
 /// request that ran past its deadline ("stat of source '/lus/x' as uid 1000").
+/// Also tells whether anyone still waits for the request, so that a backend
+/// can skip work nobody wants (a create whose writer already left).
 #[derive(Default)]
-pub struct Step(Mutex<String>);
+pub struct Step {
+    doing: Mutex<String>,
+    gone: Option<Box<dyn Fn() -> bool + Send + Sync>>,
+}
 
 impl Step {
+    pub(super) fn watching(gone: impl Fn() -> bool + Send + Sync + 'static) -> Step {
+        Step {
+            doing: Mutex::default(),
+            gone: Some(Box::new(gone)),
+        }
+    }
+
     pub fn set(&self, doing: impl Into<String>) {
-        *self.0.lock().unwrap() = doing.into();
+        *self.doing.lock().unwrap() = doing.into();
     }
 
     pub(super) fn get(&self) -> String {
-        self.0.lock().unwrap().clone()
+        self.doing.lock().unwrap().clone()
+    }
+
+    /// The writer went away or the deadline passed: nothing will be created.
+    pub fn is_gone(&self) -> bool {
+        self.gone.as_ref().is_some_and(|gone| gone())
     }
 }
 

@@ -23,15 +23,18 @@ impl Agent {
             self.reject(&who, &rejection);
             return reply.finish(Err(rejection));
         }
-        let attempt = Arc::new(Attempt {
-            agent: self.clone(),
-            who,
-            step: Step::default(),
-            state: Mutex::new(AttemptState {
-                reply: Some(reply),
-                committed: false,
-                stuck: false,
-            }),
+        let attempt = Arc::new_cyclic(|me: &std::sync::Weak<Attempt>| {
+            let me = me.clone();
+            Attempt {
+                agent: self.clone(),
+                who,
+                step: Step::watching(move || me.upgrade().is_none_or(|a| a.is_gone())),
+                state: Mutex::new(AttemptState {
+                    reply: Some(reply),
+                    committed: false,
+                    stuck: false,
+                }),
+            }
         });
         let deadline = self.backend().deadline(self.config.request_timeout);
         let worker = attempt.clone();

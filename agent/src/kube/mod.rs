@@ -232,6 +232,10 @@ impl Backend for KubeBackend {
             target,
             Status::default(),
         ));
+        if step.is_gone() {
+            // Interrupted during the checks: no create to undo.
+            return Err(crate::agent::abandoned());
+        }
         step.set("creating the NnfDataMovement");
         let created = self.create(&op, pending)?;
         Ok(Prepared {
