@@ -969,6 +969,30 @@ fn startup_checks_and_api_down_at_start() {
         .status
         .success());
     assert_eq!(cluster.dm_of("s1")["metadata"]["namespace"], RABBIT);
+    // Kept current: the node moved to another Rabbit, new copies go there
+    // (which has no mount of the workflow yet: ENOENT names it).
+    cluster
+        .server
+        .modify_object("SystemConfiguration", "default", "default", |o| {
+            o["spec"]["storageNodes"] = json!([
+                {"name": RABBIT, "type": "Rabbit", "computesAccess": []},
+                {"name": "rabbit-2", "type": "Rabbit", "computesAccess": [{"name": NODE, "index": 0}]},
+            ]);
+        })
+        .unwrap()
+        .unwrap();
+    assert!(
+        wait_until(LONG, || write_as(
+            &agent,
+            None,
+            "workflow=wf1 namespace=default source=/mnt/nnf/gfs-1/a destination=/x"
+        ) == "ENOENT"
+            && last_error(&agent, None).contains("on Rabbit rabbit-2")),
+        "{}\n{}",
+        errors_of(&agent, None),
+        agent.log()
+    );
+    assert!(agent.log().contains("moved this node to another Rabbit"));
     drop(agent);
 
     // With --nnf-node-name and the API down: the agent serves anyway,
@@ -1017,7 +1041,8 @@ fn api_down_mid_watch_reads_answer_stale_then_recover() {
     );
     let t = Instant::now();
     let status = status_of(&agent, "w1");
-    assert!(t.elapsed() < Duration::from_millis(500));
+    // One that asked the API server would wait out the 2 s timeout.
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     assert_eq!(field(&status, "state").unwrap(), "running");
     // A request fails with EAGAIN after the timeout; no caller hangs.
     let t = Instant::now();
@@ -1046,8 +1071,13 @@ fn api_down_mid_watch_reads_answer_stale_then_recover() {
 fn slow_api_server_gives_eagain_after_the_timeout_and_leaves_nothing_behind() {
     let cluster = Cluster::new();
     let agent = cluster.agent(&["--kubernetes-timeout", "1s"]);
-    cluster.server.set_latency(Duration::from_millis(3000));
-    // Several writers at once: each answered EAGAIN in about the timeout.
+    // Longer than the four writers' timeouts end to end (the kernel lets
+    // one write(2) of `request` in at a time): only the agent's timeout can
+    // answer them.
+    let latency = Duration::from_secs(10);
+    let since = Instant::now();
+    cluster.server.set_latency(latency);
+    // Several writers at once: each answered EAGAIN after the timeout.
     let t = Instant::now();
     let handles: Vec<_> = (0..4)
         .map(|i| {
@@ -1061,18 +1091,25 @@ fn slow_api_server_gives_eagain_after_the_timeout_and_leaves_nothing_behind() {
             })
         })
         .collect();
-    // Reads meanwhile are not held up.
+    // Reads meanwhile are not held up: answered while the writers wait.
     assert!(agent.read("version").is_ok());
-    assert!(t.elapsed() < Duration::from_millis(900));
+    assert!(
+        handles.iter().any(|h| !h.is_finished()),
+        "the read waited for the writers"
+    );
     for h in handles {
         assert_eq!(h.join().unwrap(), "EAGAIN");
     }
-    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // Answered by the agent's timeout, not by the API server.
+    assert!(t.elapsed() < latency, "{:?}", t.elapsed());
     assert!(last_error(&agent, None).contains("within 1s"));
     cluster.server.set_latency(Duration::ZERO);
     // None of them exists, here or (after late creations are cleaned up) there.
     assert!(!agent.path("slow0").exists());
-    std::thread::sleep(Duration::from_secs(4));
+    // What the writers' checks had sent is answered before we look.
+    assert!(wait_until(LONG, || cluster.server.requests().iter().any(
+        |r| r.at >= since && r.resource.as_deref() == Some("workflows")
+    )));
     assert!(
         wait_until(LONG, || cluster.dms().is_empty()),
         "late creations deleted: {:?}",
@@ -1082,10 +1119,90 @@ fn slow_api_server_gives_eagain_after_the_timeout_and_leaves_nothing_behind() {
             .map(|o| o["metadata"]["name"].clone())
             .collect::<Vec<_>>()
     );
+    assert!(wait_until(LONG, || write_as(
+        &agent,
+        None,
+        &format!("name=slow0 {LUS_REQ}")
+    ) == "ok"));
+}
+
+/// A writer waiting while its NnfDataMovement's create is in flight ends at
+/// once on SIGINT or SIGKILL; the create it abandoned is deleted, its name
+/// is free again, and `errors` has no line for it.
+#[test]
+fn writer_interrupted_while_the_create_is_in_flight_ends_at_once_and_leaves_nothing() {
+    let cluster = Cluster::new();
+    let agent = cluster.agent(&["--kubernetes-timeout", "30s"]);
+    // Warm: the checks' lookups answer from the caches and watches.
     assert_eq!(
-        write_as(&agent, None, &format!("name=slow0 {LUS_REQ}")),
+        write_as(&agent, None, &format!("name=warm {LUS_REQ}")),
         "ok"
     );
+    wait_state(&agent, "warm", "completed", LONG);
+    let creates = || cluster.server.request_count("create", "nnfdatamovements");
+    let before = creates();
+    // Far longer than the writers may take to end.
+    let latency = Duration::from_secs(12);
+    cluster.server.set_create_latency(latency);
+    // One at a time: the kernel lets one write(2) of `request` in at once.
+    for (i, signal) in [libc::SIGINT, libc::SIGKILL].into_iter().enumerate() {
+        let mut child = std::process::Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg(format!(
+                "import os\nfd = os.open({:?}, os.O_WRONLY)\nos.write(fd, b'name=intr{i} {LUS_REQ}')\n",
+                agent.path("request").to_str().unwrap()
+            ))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Its create reaches the API server, where it waits.
+        assert!(
+            wait_until(LONG, || cluster.server.creates_waiting() == i + 1),
+            "the create of intr{i} never started; log:\n{}",
+            agent.log()
+        );
+        let signalled = Instant::now();
+        // SAFETY: kill(2) of our own child.
+        unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        assert!(
+            wait_until(LONG, || child.try_wait().unwrap().is_some()),
+            "writer intr{i} never ended"
+        );
+        // Long before the API server answers its create.
+        assert!(
+            signalled.elapsed() < latency / 2,
+            "writer intr{i} ended after {:?}",
+            signalled.elapsed()
+        );
+    }
+    assert_eq!(
+        creates(),
+        before,
+        "a create was answered before its writer ended"
+    );
+    assert!(!agent.path("intr0").exists() && !agent.path("intr1").exists());
+    cluster.server.set_create_latency(Duration::ZERO);
+    // The creates complete, and what they made is deleted.
+    assert!(wait_until(LONG, || creates() >= before + 2));
+    assert!(
+        wait_until(LONG, || cluster.dms().len() == 1),
+        "abandoned creates deleted: {:?}",
+        cluster
+            .dms()
+            .iter()
+            .map(|o| o["metadata"]["name"].clone())
+            .collect::<Vec<_>>()
+    );
+    assert!(!agent.path("intr0").exists() && !agent.path("intr1").exists());
+    assert!(!errors_of(&agent, None).contains("intr"));
+    // The names are free again.
+    assert!(wait_until(LONG, || write_as(
+        &agent,
+        None,
+        &format!("name=intr0 {LUS_REQ}")
+    ) == "ok"));
+    wait_state(&agent, "intr0", "completed", LONG);
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::agent::{self, Agent, AgentConfig, Notify};
+use crate::agent::{self, Agent, AgentConfig, Events, Notify};
 use crate::flags::{BackendKind, LogFormat, RunArgs};
 use crate::kube;
 use crate::local::{LocalBackend, LocalConfig};
@@ -107,7 +107,7 @@ fn core_parts(args: &RunArgs) -> Result<Core, Error> {
     Ok(Core {
         config,
         rt: Some(rt),
-        notify: Notify::new(),
+        events: Some(Events::new()),
     })
 }
 
@@ -115,7 +115,8 @@ fn core_parts(args: &RunArgs) -> Result<Core, Error> {
 struct Core {
     config: AgentConfig,
     rt: Option<tokio::runtime::Runtime>,
-    notify: Notify,
+    /// Taken by `with`: the core's event channel, which its backend reports on.
+    events: Option<Events>,
 }
 
 impl Drop for Core {
@@ -128,14 +129,23 @@ impl Drop for Core {
 }
 
 impl Core {
-    fn with(&self, backend: Arc<dyn agent::Backend>) -> Arc<Agent> {
+    /// Where the backend reports progress: the core's event channel.
+    fn notify(&self) -> Notify {
+        self.events
+            .as_ref()
+            .expect("the backend is made before the agent")
+            .notify()
+    }
+
+    fn with(&mut self, backend: Arc<dyn agent::Backend>) -> Arc<Agent> {
         let rt = self.rt.as_ref().expect("runtime lives as long as the core");
+        let events = self.events.take().expect("one agent per core");
         let name = backend.name();
         crate::metrics::install(
             Agent::new(
                 AgentConfig { ..self.config },
                 rt.handle().clone(),
-                self.notify.clone(),
+                events,
                 backend,
             ),
             name,
@@ -144,11 +154,11 @@ impl Core {
 }
 
 /// `--simulated`: the same doors, every request completed at once.
-fn run_simulated(core: Core, args: &RunArgs, signals: &libc::sigset_t) -> Result<(), Error> {
+fn run_simulated(mut core: Core, args: &RunArgs, signals: &libc::sigset_t) -> Result<(), Error> {
     if let Some(flag) = args.kube.given().first() {
         tracing::info!(flag, "simulated: Kubernetes settings are not used");
     }
-    let backend = crate::simulated::SimulatedBackend::new(core.notify.clone());
+    let backend = crate::simulated::SimulatedBackend::new(core.notify());
     let agent = &core.with(backend);
     prepare_mountpoint(&args.mountpoint)?;
     serve(agent, args, "simulated", 0, signals, |agent| {
@@ -175,7 +185,7 @@ fn start_retention(agent: &Arc<Agent>, retention: Duration) -> Result<(), Error>
         .map_err(|e| Error::with("cannot start the retention thread", e))
 }
 
-fn run_local(core: Core, args: &RunArgs, signals: &libc::sigset_t) -> Result<(), Error> {
+fn run_local(mut core: Core, args: &RunArgs, signals: &libc::sigset_t) -> Result<(), Error> {
     let profiles = match &args.profiles {
         Some(path) => Profiles::load(path).map_err(|e| Error::with("cannot use --profiles", e))?,
         None => Profiles::builtin(),
@@ -195,7 +205,7 @@ fn run_local(core: Core, args: &RunArgs, signals: &libc::sigset_t) -> Result<(),
             profiles,
             store,
         },
-        core.notify.clone(),
+        core.notify(),
     );
     let agent = &core.with(backend.clone());
     prepare_mountpoint(&args.mountpoint)?;
@@ -216,7 +226,7 @@ fn run_local(core: Core, args: &RunArgs, signals: &libc::sigset_t) -> Result<(),
 
 /// The Kubernetes backend: connect (startup checks, exit 1 on failure), list
 /// what this node created, then serve the same doors as the local backend.
-fn run_kube(core: Core, args: &RunArgs, signals: &libc::sigset_t) -> Result<(), Error> {
+fn run_kube(mut core: Core, args: &RunArgs, signals: &libc::sigset_t) -> Result<(), Error> {
     let k = &args.kube;
     let settings = kube::KubeSettings {
         connection: kube_connect::Connection {
@@ -233,10 +243,12 @@ fn run_kube(core: Core, args: &RunArgs, signals: &libc::sigset_t) -> Result<(), 
         sys_config: k.sys_config.clone().unwrap_or_else(|| "default".into()),
         timeout: k.kubernetes_timeout.unwrap_or(Duration::from_secs(10)),
     };
-    let backend = kube::KubeBackend::connect(settings, core.notify.clone())?;
+    let backend = kube::KubeBackend::connect(settings, core.notify())?;
     let agent = &core.with(backend.clone());
     prepare_mountpoint(&args.mountpoint)?;
-    backend.start(agent);
+    backend.start();
+    // What the watches listed is visible before either door opens.
+    agent.settle();
     let restored = agent.list(0).len();
     serve(agent, args, "kubernetes", restored, signals, |_| Ok(()))
 }

@@ -715,7 +715,7 @@ impl Backend for LocalBackend {
             )
         })?;
         Ok(Prepared {
-            op,
+            op: Arc::new(op),
             plan: Box::new(()),
         })
     }

@@ -215,8 +215,6 @@ pub struct Operation {
     pub cancel_requested: AtomicBool,
     /// Set once removed, so that no late update records it again.
     pub removed: AtomicBool,
-    /// Carries the generation to async waiters (the gRPC door).
-    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Operation {
@@ -239,7 +237,6 @@ impl Operation {
             generation: AtomicU64::new(1),
             cancel_requested: AtomicBool::new(false),
             removed: AtomicBool::new(false),
-            changes: tokio::sync::watch::Sender::new(1),
         }
     }
 
@@ -249,11 +246,6 @@ impl Operation {
 
     pub fn is_completed(&self) -> bool {
         self.status.lock().unwrap().is_completed()
-    }
-
-    /// Wakes on every change of state, progress or message.
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.changes.subscribe()
     }
 
     pub fn generation(&self) -> u64 {
@@ -279,8 +271,8 @@ impl Operation {
                 status.message.clone(),
             );
         if visible {
-            let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-            self.changes.send_replace(generation);
+            // The backend that made the change tells the core (`Notify`).
+            self.generation.fetch_add(1, Ordering::AcqRel);
         }
         visible
     }

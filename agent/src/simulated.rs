@@ -59,7 +59,7 @@ impl Backend for SimulatedBackend {
         let target = PathBuf::from(&request.destination);
         let op = Operation::new(name, who.uid, who.gid, request, target, Status::default());
         Ok(Prepared {
-            op,
+            op: Arc::new(op),
             plan: Box::new(()),
         })
     }

@@ -381,13 +381,25 @@ fn take_name_collision(shared: &Shared) -> bool {
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let time = SystemTime::now();
-    let latency = shared
-        .faults
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .latency;
+    let (latency, create_latency) = {
+        let mut faults = shared.faults.lock().unwrap_or_else(|e| e.into_inner());
+        let create = if req.method() == Method::POST {
+            faults.create_latency
+        } else {
+            Duration::ZERO
+        };
+        if !create.is_zero() {
+            faults.creates_waiting += 1;
+        }
+        (faults.latency, create)
+    };
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
+    }
+    if !create_latency.is_zero() {
+        tokio::time::sleep(create_latency).await;
+        let mut faults = shared.faults.lock().unwrap_or_else(|e| e.into_inner());
+        faults.creates_waiting -= 1;
     }
     let method = req.method().clone();
     let path = req.uri().path().to_string();

@@ -620,6 +620,18 @@ impl TestServer {
         lock(&self.shared.faults).latency = latency;
     }
 
+    /// Delay before every create (POST) is handled, on top of
+    /// [`set_latency`](Self::set_latency)'s: a create in flight while
+    /// reads answer at once.
+    pub fn set_create_latency(&self, latency: Duration) {
+        lock(&self.shared.faults).create_latency = latency;
+    }
+
+    /// Creates now held by [`set_create_latency`](Self::set_create_latency).
+    pub fn creates_waiting(&self) -> usize {
+        lock(&self.shared.faults).creates_waiting
+    }
+
     /// The next `n` requests (any verb but watch) fail with `status` and the
     /// Status the real server sends with that code.
     pub fn fail_next_with(&self, status: u16, n: usize) {

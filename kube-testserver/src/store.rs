@@ -58,6 +58,10 @@ pub(crate) struct FailRule {
 #[derive(Debug, Default)]
 pub(crate) struct Faults {
     pub latency: Duration,
+    /// Added delay of every POST (create).
+    pub create_latency: Duration,
+    /// POSTs now waiting out `create_latency`.
+    pub creates_waiting: usize,
     pub fails: Vec<FailRule>,
     /// Creates with `generateName` still to answer as a name collision.
     pub name_collisions: usize,

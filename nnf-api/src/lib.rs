@@ -10,14 +10,18 @@
 //! not modelled and are ignored when parsing.
 
 pub mod clientmount;
+pub mod datamovement;
 pub mod meta;
 pub mod servers;
 pub mod storageprofile;
+pub mod typed;
 
 pub use clientmount::*;
+pub use datamovement::*;
 pub use meta::*;
 pub use servers::*;
 pub use storageprofile::*;
+pub use typed::*;
 
 #[cfg(test)]
 mod tests {

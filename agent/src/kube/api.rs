@@ -11,10 +11,14 @@ use kube::core::ApiResource;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 
+use kube::core::NamespaceResourceScope;
+use kube::Resource;
+use nnf_api::{LustreFileSystem, NnfDataMovement, NnfDataMovementProfile, Workflow};
+use serde::de::DeserializeOwned;
+
 use crate::agent::Rejection;
 
 use super::cache::Flight;
-use super::mapping::*;
 
 /// How long a Workflow read serves later creates. A workflow leaves PreRun
 /// when the workload manager moves it on (its job's compute phase ended, or
@@ -46,10 +50,6 @@ pub(super) fn resource(group: &str, version: &str, kind: &str, plural: &str) -> 
     }
 }
 
-pub(super) fn dm_resource() -> ApiResource {
-    resource(DM_GROUP, DM_VERSION, "NnfDataMovement", "nnfdatamovements")
-}
-
 pub(super) const DWS: &str = "dataworkflowservices.github.io";
 pub(super) const DWS_VERSION: &str = "v1alpha7";
 
@@ -57,16 +57,21 @@ pub(super) const DWS_VERSION: &str = "v1alpha7";
 pub(super) struct Ctx {
     pub(super) client: kube::Client,
     pub(super) node: String,
-    pub(super) rabbit: String,
+    /// The Rabbit serving this node (kept current: `sysconfig`).
+    pub(super) rabbit: std::sync::RwLock<String>,
     /// Every LustreFileSystem, from a watch.
-    pub(super) lustre: Store<DynamicObject>,
+    pub(super) lustre: Store<LustreFileSystem>,
     /// Every NnfDataMovementProfile in `nnf-system`, from a watch.
-    pub(super) profiles: Store<DynamicObject>,
-    pub(super) workflows: Flight<(String, String), Arc<DynamicObject>>,
+    pub(super) profiles: Store<NnfDataMovementProfile>,
+    pub(super) workflows: Flight<(String, String), Arc<Workflow>>,
     pub(super) mounts: Flight<MountsKey, Arc<Vec<nnf_api::ClientMount>>>,
 }
 
 impl Ctx {
+    pub(super) fn rabbit(&self) -> String {
+        self.rabbit.read().unwrap().clone()
+    }
+
     pub(super) fn api(&self, ar: &ApiResource, namespace: Option<&str>) -> Api<DynamicObject> {
         match namespace {
             Some(ns) => Api::namespaced_with(self.client.clone(), ns, ar),
@@ -74,8 +79,12 @@ impl Ctx {
         }
     }
 
-    pub(super) fn dms(&self, namespace: &str) -> Api<DynamicObject> {
-        self.api(&dm_resource(), Some(namespace))
+    pub(super) fn workflows(&self, namespace: &str) -> Api<Workflow> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
+    pub(super) fn dms(&self, namespace: &str) -> Api<NnfDataMovement> {
+        Api::namespaced(self.client.clone(), namespace)
     }
 }
 
@@ -121,35 +130,53 @@ pub(super) fn transient(e: &kube::Error) -> bool {
     }
 }
 
-/// A store of every object of `ar` (in `namespace`, or in all), kept
-/// current by a watch that the runtime runs for the life of the agent.
-pub(super) fn mirror(
+/// What a mirror is told after each change its watch brought.
+pub(super) type OnChange<K> = Box<dyn Fn(&Store<K>) + Send + Sync>;
+
+/// A store of every object of `K` (in `namespace`, or in all) that `config`
+/// selects, kept current by a watch that the runtime runs for the life of
+/// the agent.
+pub(super) fn mirror<K>(
     rt: &tokio::runtime::Runtime,
     client: &kube::Client,
-    ar: ApiResource,
     namespace: Option<&str>,
+    config: watcher::Config,
     what: &'static str,
-) -> Store<DynamicObject> {
-    let api: Api<DynamicObject> = match namespace {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
-        None => Api::all_with(client.clone(), &ar),
+    on_change: Option<OnChange<K>>,
+) -> Store<K>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let api: Api<K> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
     };
-    let writer = reflector::store::Writer::<DynamicObject>::new(ar);
+    let writer = reflector::store::Writer::<K>::default();
     let reader = writer.as_reader();
+    let store = reader.clone();
     rt.spawn(async move {
-        let stream = reflector::reflector(
-            writer,
-            watcher::watcher(api, watcher::Config::default()).default_backoff(),
-        );
+        let stream = reflector::reflector(writer, watcher::watcher(api, config).default_backoff());
         let mut stream = std::pin::pin!(stream);
         let mut failing = false;
         while let Some(item) = stream.next().await {
             match item {
-                Ok(_) if failing => {
-                    failing = false;
-                    tracing::info!("watch of the {what} resumed");
+                Ok(event) => {
+                    if failing {
+                        failing = false;
+                        tracing::info!("watch of the {what} resumed");
+                    }
+                    let listed =
+                        !matches!(event, watcher::Event::Init | watcher::Event::InitApply(_));
+                    if let (true, Some(f)) = (listed, &on_change) {
+                        f(&store);
+                    }
                 }
-                Ok(_) => {}
                 Err(e) => {
                     if !failing {
                         tracing::warn!("watch of the {what} failed (retrying): {e}");

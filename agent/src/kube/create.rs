@@ -1,13 +1,17 @@
 //! Creation: the Rabbit lookup at startup and the checks, lookups and
 //! resource body of one request (steps 1–9 of the mapping).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use fuse_ctl::Errno;
-use kube::api::{Api, DynamicObject, ListParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::ListParams;
 use kube::runtime::reflector::Store;
-use serde_json::{json, Value};
+use nnf_api::{
+    NnfDataMovement, NnfDataMovementSpec, NnfDataMovementSpecSourceDest, ObjectReference,
+};
+use serde_json::Value;
 
 use crate::agent::{Rejection, Requester};
 use crate::request::Request;
@@ -18,72 +22,15 @@ use super::mapping::*;
 /// A request checked by `prepare`, created by `accept`.
 pub(super) struct Pending {
     pub(super) namespace: String,
-    pub(super) body: Value,
-}
-
-/// Step 1 of the mapping: the Rabbit that serves `node`.
-pub(super) async fn find_rabbit(
-    client: &kube::Client,
-    sys_config: &str,
-    node: &str,
-    timeout: Duration,
-) -> Result<String, String> {
-    let ar = resource(
-        DWS,
-        DWS_VERSION,
-        "SystemConfiguration",
-        "systemconfigurations",
-    );
-    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &ar);
-    let what = format!(
-        "looking up this node's Rabbit in SystemConfiguration default/{sys_config} (give --nnf-node-name to skip)"
-    );
-    let obj = match tokio::time::timeout(timeout, api.get(sys_config)).await {
-        Err(_) => {
-            return Err(format!(
-                "{what}: no answer from the Kubernetes API server within {timeout:?}"
-            ))
-        }
-        Ok(Err(e)) if not_found(&e) => {
-            return Err(format!(
-                "{what}: SystemConfiguration not found (--sys-config)"
-            ))
-        }
-        Ok(Err(e)) => return Err(format!("{what}: {e}")),
-        Ok(Ok(obj)) => obj,
-    };
-    let nodes = obj.data["spec"]["storageNodes"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    for storage in nodes {
-        let serves = storage["computesAccess"]
-            .as_array()
-            .is_some_and(|c| c.iter().any(|c| c["name"] == node));
-        if serves {
-            let kind = storage["type"].as_str().unwrap_or("");
-            if kind != "Rabbit" {
-                return Err(format!(
-                    "{what}: the storage node serving {node} is of type '{kind}', not 'Rabbit'"
-                ));
-            }
-            return storage["name"]
-                .as_str()
-                .map(str::to_string)
-                .ok_or_else(|| format!("{what}: storage node without a name"));
-        }
-    }
-    Err(format!(
-        "{what}: no storage node lists {node} in computesAccess (--node-name)"
-    ))
+    pub(super) body: NnfDataMovement,
 }
 
 /// The objects of a watched kind, once its watch listed them (waiting for
 /// that is bounded by the caller's timeout).
-async fn synced(
-    store: &Store<DynamicObject>,
-    what: &str,
-) -> Result<Vec<Arc<DynamicObject>>, Rejection> {
+async fn synced<K>(store: &Store<K>, what: &str) -> Result<Vec<Arc<K>>, Rejection>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
     store
         .wait_until_ready()
         .await
@@ -106,6 +53,8 @@ pub(super) async fn build(
         ));
     };
     request.name = Some(name.clone());
+    // One Rabbit for the whole request, should the SystemConfiguration change.
+    let rabbit = ctx.rabbit();
     // Before any API call: the Rabbit's worker pastes these into bash as root.
     crate::shellword::for_rabbit(&mut request).map_err(|e| Rejection::new(Errno::EINVAL, e))?;
 
@@ -115,10 +64,7 @@ pub(super) async fn build(
     let wf = ctx
         .workflows
         .get((wf_ns.clone(), workflow.clone()), || {
-            let workflows = ctx.api(
-                &resource(DWS, DWS_VERSION, "Workflow", "workflows"),
-                Some(&wf_ns),
-            );
+            let workflows = ctx.workflows(&wf_ns);
             let (wf_ns, workflow) = (wf_ns.clone(), workflow.clone());
             async move {
                 match workflows.get(&workflow).await {
@@ -135,8 +81,9 @@ pub(super) async fn build(
             }
         })
         .await?;
-    let state = wf.data["status"]["state"].as_str().unwrap_or("");
-    let status = wf.data["status"]["status"].as_str().unwrap_or("");
+    let wf_status = wf.status.clone().unwrap_or_default();
+    let state = wf_status.state.as_deref().unwrap_or("");
+    let status = wf_status.status.as_deref().unwrap_or("");
     if state != "PreRun" || status != "Completed" {
         return Err(Rejection::new(
             Errno::EPERM,
@@ -223,7 +170,7 @@ pub(super) async fn build(
     // 4. The same storage as the Rabbit mounts it.
     let rabbit_source = match &device_ref {
         Some(reference) => {
-            let rabbit_mounts = list_mounts(ctx.rabbit.clone()).await?;
+            let rabbit_mounts = list_mounts(rabbit.clone()).await?;
             let found = rabbit_mounts
                 .iter()
                 .flat_map(|cm| cm.spec.mounts.iter())
@@ -235,7 +182,7 @@ pub(super) async fn build(
                         Errno::ENOENT,
                         format!(
                             "no mount of workflow {wf_ns}/{workflow} on Rabbit {} matches the device of {}",
-                            ctx.rabbit, compute.mount_path
+                            rabbit, compute.mount_path
                         ),
                     ))
                 }
@@ -244,16 +191,18 @@ pub(super) async fn build(
         // A Lustre mount without a reference: the same global namespace.
         None => request.source.clone(),
     };
-    let mut source = json!({"path": rabbit_source});
-    if let Some(reference) = &device_ref {
-        source["storageReference"] =
-            serde_json::to_value(&reference.object_reference).unwrap_or(Value::Null);
-    }
+    let source = NnfDataMovementSpecSourceDest {
+        path: rabbit_source,
+        storage_reference: device_ref.as_ref().map(|r| r.object_reference.clone()),
+    };
 
     // 5. By mount type.
-    let mut labels = serde_json::Map::new();
-    labels.insert(INITIATOR_LABEL.into(), json!(ctx.node));
-    let mut destination = json!({"path": request.destination});
+    let mut labels = BTreeMap::new();
+    labels.insert(INITIATOR_LABEL.to_string(), ctx.node.clone());
+    let mut destination = NnfDataMovementSpecSourceDest {
+        path: request.destination.clone(),
+        storage_reference: None,
+    };
     let (namespace, generate_name) = if lustre {
         let Some(index) = directive_index else {
             return Err(Rejection::new(
@@ -261,11 +210,12 @@ pub(super) async fn build(
                 format!("ClientMount {compute_key} has no label {DIRECTIVE_INDEX_LABEL}"),
             ));
         };
-        labels.insert(DIRECTIVE_INDEX_LABEL.into(), json!(index));
+        labels.insert(DIRECTIVE_INDEX_LABEL.to_string(), index);
         let list = synced(&ctx.lustre, "LustreFileSystems").await?;
         let fs = list.iter().find(|fs| {
-            fs.data["spec"]["mountRoot"]
-                .as_str()
+            fs.spec
+                .mount_root
+                .as_deref()
                 .is_some_and(|root| below(root, &request.destination).is_some())
         });
         let Some(fs) = fs else {
@@ -277,14 +227,15 @@ pub(super) async fn build(
                 ),
             ));
         };
-        destination["storageReference"] = json!({
-            "kind": "LustreFileSystem",
-            "namespace": fs.metadata.namespace.clone().unwrap_or_default(),
-            "name": fs.metadata.name.clone().unwrap_or_default(),
+        destination.storage_reference = Some(ObjectReference {
+            kind: Some("LustreFileSystem".into()),
+            namespace: Some(fs.metadata.namespace.clone().unwrap_or_default()),
+            name: Some(fs.metadata.name.clone().unwrap_or_default()),
+            ..Default::default()
         });
         (DM_NAMESPACE.to_string(), "nnf-dm-")
     } else {
-        (ctx.rabbit.clone(), "nnf-dm-node-")
+        (rabbit.clone(), "nnf-dm-node-")
     };
 
     // 6. The profile.
@@ -305,7 +256,7 @@ pub(super) async fn build(
         None => {
             let defaults: Vec<String> = profiles
                 .iter()
-                .filter(|p| p.data["data"]["default"] == true)
+                .filter(|p| p.data.default)
                 .filter_map(|p| p.metadata.name.clone())
                 .collect();
             match defaults.as_slice() {
@@ -341,7 +292,7 @@ pub(super) async fn build(
         (OWNER_UID_LABEL, wf_uid.as_str()),
         (TEARDOWN_LABEL, "PostRun"),
     ] {
-        labels.insert(key.into(), json!(value));
+        labels.insert(key.to_string(), value.to_string());
     }
     let note = OperationNote {
         name,
@@ -349,31 +300,35 @@ pub(super) async fn build(
         gid: who.gid,
         request: request.clone(),
     };
-    let body = json!({
-        "apiVersion": format!("{DM_GROUP}/{DM_VERSION}"),
-        "kind": "NnfDataMovement",
-        "metadata": {
-            "generateName": generate_name,
-            "namespace": namespace,
-            "labels": labels,
-            "annotations": {
-                OPERATION_ANNOTATION: serde_json::to_string(&note).unwrap_or_default(),
-            },
-        },
-        "spec": {
-            "source": source,
-            "destination": destination,
-            // 7. Identity.
-            "userId": who.uid,
-            "groupId": who.gid,
-            "profileReference": {
-                "kind": "NnfDataMovementProfile",
-                "name": profile,
-                "namespace": PROFILE_NAMESPACE,
-            },
-            // 9. User options.
-            "userConfig": user_config(&request),
-        },
-    });
+    let metadata = ObjectMeta {
+        generate_name: Some(generate_name.into()),
+        namespace: Some(namespace.clone()),
+        labels: Some(labels),
+        annotations: Some(
+            [(
+                OPERATION_ANNOTATION.to_string(),
+                serde_json::to_string(&note).unwrap_or_default(),
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    let spec = NnfDataMovementSpec {
+        source: Some(source),
+        destination: Some(destination),
+        // 7. Identity.
+        user_id: i64::from(who.uid),
+        group_id: i64::from(who.gid),
+        cancel: false,
+        profile_reference: Some(ObjectReference {
+            kind: Some("NnfDataMovementProfile".into()),
+            name: Some(profile),
+            namespace: Some(PROFILE_NAMESPACE.into()),
+            ..Default::default()
+        }),
+        // 9. User options.
+        user_config: Some(user_config(&request)),
+    };
+    let body = NnfDataMovement::new(metadata, spec);
     Ok((request, Pending { namespace, body }))
 }

@@ -4,15 +4,14 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use nnf_api::{ClientMount, ClientMountInfo};
+use nnf_api::{
+    ClientMount, ClientMountInfo, NnfDataMovement, NnfDataMovementConfig, NnfDataMovementStatus,
+};
 use serde::Deserialize;
-use serde_json::{json, Value};
 
 use crate::op::{Counters, Outcome, State, Status};
 use crate::request::Request;
 
-pub const DM_GROUP: &str = "nnf.cray.hpe.com";
-pub const DM_VERSION: &str = "v1alpha11";
 /// Namespace of Lustre copies.
 pub const DM_NAMESPACE: &str = "nnf-dm-system";
 /// Namespace of the data-movement profiles.
@@ -96,83 +95,37 @@ pub fn rabbit_path(rabbit_mount: &str, rest: &str) -> String {
 }
 
 /// `spec.userConfig` of a request.
-pub fn user_config(request: &Request) -> Value {
-    let mut config = json!({
-        "dryrun": request.dryrun,
-        "mpirunOptions": request.mpirun_options,
-        "dcpOptions": request.dcp_options,
-        "logStdout": request.log_stdout,
-        "storeStdout": request.store_stdout,
-    });
-    if request.slots >= 0 {
-        config["slots"] = json!(request.slots);
+pub fn user_config(request: &Request) -> NnfDataMovementConfig {
+    NnfDataMovementConfig {
+        dryrun: request.dryrun,
+        mpirun_options: request.mpirun_options.clone(),
+        dcp_options: request.dcp_options.clone(),
+        log_stdout: request.log_stdout,
+        store_stdout: request.store_stdout,
+        slots: (request.slots >= 0).then_some(i64::from(request.slots)),
+        max_slots: (request.max_slots >= 0).then_some(i64::from(request.max_slots)),
     }
-    if request.max_slots >= 0 {
-        config["maxSlots"] = json!(request.max_slots);
-    }
-    config
 }
 
 /// The parts of an NnfDataMovement the status mapping reads.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, rename_all = "camelCase")]
+#[derive(Debug, Default)]
 pub struct DmView {
-    pub spec: DmSpecView,
-    pub status: DmStatusView,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, rename_all = "camelCase")]
-pub struct DmSpecView {
     pub cancel: bool,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, rename_all = "camelCase")]
-pub struct DmStatusView {
-    pub state: Option<String>,
-    pub status: Option<String>,
-    pub message: Option<String>,
-    pub start_time: Option<String>,
-    pub end_time: Option<String>,
-    pub restarts: Option<i64>,
-    pub command_status: Option<CommandStatusView>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, rename_all = "camelCase")]
-pub struct CommandStatusView {
-    pub command: Option<String>,
-    pub progress: Option<i64>,
-    pub elapsed_time: Option<String>,
-    pub last_message: Option<String>,
-    pub last_message_time: Option<String>,
-    pub items: Option<i64>,
-    pub directories: Option<i64>,
-    pub files: Option<i64>,
-    pub links: Option<i64>,
-    pub data: Option<String>,
-    pub rate: Option<String>,
+    pub status: NnfDataMovementStatus,
 }
 
 impl DmView {
-    pub fn of(obj: &Value) -> DmView {
+    pub fn of(dm: &NnfDataMovement) -> DmView {
         DmView {
-            spec: obj
-                .get("spec")
-                .and_then(|s| DmSpecView::deserialize(s).ok())
-                .unwrap_or_default(),
-            status: obj
-                .get("status")
-                .and_then(|s| DmStatusView::deserialize(s).ok())
-                .unwrap_or_default(),
+            cancel: dm.spec.cancel,
+            status: dm.status.clone().unwrap_or_default(),
         }
     }
 
     /// Finished, or cancelled before it ever started (deletable).
     pub fn finished_or_never_started(&self) -> bool {
         self.status.state.as_deref() == Some("Finished")
-            || (self.spec.cancel && self.status.start_time.is_none())
+            || (self.cancel && self.status.start_time.is_none())
     }
 
     /// The status table of the spec, first match wins (rule 1, the deletion
@@ -189,9 +142,9 @@ impl DmView {
                 _ => Outcome::Failed,
             };
             (State::Completed, outcome)
-        } else if self.spec.cancel && !started {
+        } else if self.cancel && !started {
             (State::Completed, Outcome::Cancelled)
-        } else if self.spec.cancel {
+        } else if self.cancel {
             (State::Cancelling, Outcome::Unknown)
         } else if st.status.as_deref() == Some("Invalid") {
             (State::Completed, Outcome::Invalid)
@@ -326,6 +279,7 @@ pub fn parse_rfc3339(text: &str) -> Option<SystemTime> {
 mod tests {
     use super::*;
     use crate::timefmt::rfc3339;
+    use serde_json::json;
 
     #[test]
     fn whole_components() {
@@ -354,9 +308,10 @@ mod tests {
         assert_eq!(parse_bytes("x"), None);
     }
 
-    fn mapped(obj: Value) -> (State, Outcome) {
+    fn mapped(obj: serde_json::Value) -> (State, Outcome) {
         let mut s = Status::default();
-        DmView::of(&obj).apply(&mut s);
+        let dm: NnfDataMovement = serde_json::from_value(obj).unwrap();
+        DmView::of(&dm).apply(&mut s);
         (s.state, s.outcome)
     }
 

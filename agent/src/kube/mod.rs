@@ -16,24 +16,27 @@ mod create;
 mod mapping;
 mod restart;
 mod retry;
+mod submit;
+mod sysconfig;
 mod track;
 
 use std::any::Any;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use fuse_ctl::Errno;
-use kube::api::DynamicObject;
 
-use crate::agent::{Agent, Backend, Notify, Prepared, Rejection, Requester, Step};
+use crate::agent::{Backend, Notify, Prepared, Rejection, Requester, Step};
 use crate::op::{Operation, Status};
 use crate::request::Request;
 
 use api::*;
-use create::{build, find_rabbit, Pending};
-use mapping::{DM_GROUP, DM_NAMESPACE, DM_VERSION, PROFILE_NAMESPACE};
+use create::build;
+use kube::runtime::watcher;
+use mapping::{DM_NAMESPACE, PROFILE_NAMESPACE};
+use submit::Created;
 use track::{Tracked, Tracking};
 
 /// What `main` gathers from the flags.
@@ -53,9 +56,12 @@ pub struct KubeBackend {
     rt: tokio::runtime::Runtime,
     ctx: Arc<Ctx>,
     timeout: Duration,
+    /// How this backend reports to the core: status changes, operations
+    /// found in its watch, resources gone.
     notify: Notify,
-    agent: OnceLock<Weak<Agent>>,
     tracking: Mutex<Tracking>,
+    /// The SystemConfiguration's later answers, until `start` follows them.
+    lookups: Mutex<Option<tokio::sync::watch::Receiver<sysconfig::Lookup>>>,
     me: Weak<KubeBackend>,
 }
 
@@ -80,54 +86,50 @@ impl KubeBackend {
                     .client_observed(crate::metrics::kube_observer()),
             )
             .map_err(|e| e.to_string())?;
-        let rabbit = match settings.rabbit.filter(|r| !r.is_empty()) {
-            Some(r) => r,
-            None => rt.block_on(find_rabbit(
-                &client,
-                &settings.sys_config,
-                &settings.node,
-                settings.timeout,
-            ))?,
+        let (rabbit, lookups) = match settings.rabbit.filter(|r| !r.is_empty()) {
+            Some(r) => (r, None),
+            None => {
+                let (r, lookups) = sysconfig::follow(
+                    &rt,
+                    &client,
+                    &settings.sys_config,
+                    &settings.node,
+                    settings.timeout,
+                )?;
+                (r, Some(lookups))
+            }
         };
         tracing::info!(node = %settings.node, rabbit = %rabbit, "kubernetes backend connected");
         let ctx = Arc::new(Ctx {
             lustre: mirror(
                 &rt,
                 &client,
-                resource(
-                    "lus.cray.hpe.com",
-                    "v1beta1",
-                    "LustreFileSystem",
-                    "lustrefilesystems",
-                ),
                 None,
+                watcher::Config::default(),
                 "LustreFileSystems",
+                None,
             ),
             profiles: mirror(
                 &rt,
                 &client,
-                resource(
-                    DM_GROUP,
-                    DM_VERSION,
-                    "NnfDataMovementProfile",
-                    "nnfdatamovementprofiles",
-                ),
                 Some(PROFILE_NAMESPACE),
+                watcher::Config::default(),
                 "NnfDataMovementProfiles",
+                None,
             ),
             workflows: cache::Flight::new(WORKFLOW_TTL),
             mounts: cache::Flight::new(MOUNTS_TTL),
             client,
             node: settings.node,
-            rabbit,
+            rabbit: std::sync::RwLock::new(rabbit),
         });
         Ok(Arc::new_cyclic(|me| KubeBackend {
             rt,
             ctx,
             timeout: settings.timeout,
             notify,
-            agent: OnceLock::new(),
             tracking: Mutex::new(Tracking::default()),
+            lookups: Mutex::new(lookups),
             me: me.clone(),
         }))
     }
@@ -135,10 +137,13 @@ impl KubeBackend {
     /// Starts one watch per namespace and waits (at most the timeout) until
     /// both listed what exists, so that a restarted agent shows every
     /// operation it created before it mounts. Returns whether both synced.
-    pub fn start(self: &Arc<Self>, agent: &Arc<Agent>) -> bool {
-        let _ = self.agent.set(Arc::downgrade(agent));
-        let mut namespaces = vec![DM_NAMESPACE.to_string(), self.ctx.rabbit.clone()];
+    pub fn start(self: &Arc<Self>) -> bool {
+        let mut namespaces = vec![DM_NAMESPACE.to_string(), self.ctx.rabbit()];
         namespaces.dedup();
+        if let Some(lookups) = self.lookups.lock().unwrap().take() {
+            let watched = namespaces.iter().cloned().collect();
+            self.rt.spawn(self.clone().follow_rabbit(lookups, watched));
+        }
         let (tx, rx) = std::sync::mpsc::channel();
         for ns in &namespaces {
             let me = self.clone();
@@ -163,10 +168,6 @@ impl KubeBackend {
             );
         }
         synced == namespaces.len()
-    }
-
-    fn agent(&self) -> Option<Arc<Agent>> {
-        self.agent.get().and_then(Weak::upgrade)
     }
 
     /// Runs `fut` on the runtime and waits at most the timeout (EAGAIN).
@@ -205,10 +206,14 @@ impl Backend for KubeBackend {
     }
 
     fn deadline(&self, request_timeout: Duration) -> Duration {
-        // The API server's own timeout answers first (EAGAIN, its words).
-        request_timeout.max(self.timeout + Duration::from_secs(1))
+        // The API server's own timeouts (the checks, then the create) answer
+        // first (EAGAIN, their words).
+        request_timeout.max(2 * self.timeout + Duration::from_secs(1))
     }
 
+    /// The checks, then the create: both before the core commits, so that a
+    /// writer interrupted while the create is in flight gets EINTR at once
+    /// (its write not yet claimed); `discard` then deletes the resource.
     fn prepare(
         &self,
         who: &Requester,
@@ -223,76 +228,62 @@ impl Backend for KubeBackend {
             build(ctx, *who, name.clone(), request),
         )?;
         let target = PathBuf::from(&request.destination);
+        let op = Arc::new(Operation::new(
+            name,
+            who.uid,
+            who.gid,
+            request,
+            target,
+            Status::default(),
+        ));
+        if step.is_gone() {
+            // Interrupted during the checks: no create to undo.
+            return Err(crate::agent::abandoned());
+        }
+        step.set("creating the NnfDataMovement");
+        let created = self.create(&op, pending)?;
         Ok(Prepared {
-            op: Operation::new(name, who.uid, who.gid, request, target, Status::default()),
-            plan: Box::new(pending),
+            op,
+            plan: Box::new(created),
         })
     }
 
+    fn discard(&self, op: &Operation, plan: Box<dyn Any + Send>) {
+        let Ok(created) = plan.downcast::<Created>() else {
+            return;
+        };
+        let key = (created.namespace, created.resource);
+        let mut tracking = self.tracking.lock().unwrap();
+        tracking.not_creating(op);
+        tracking.remove_key(&key);
+        // Its events from now on are ignored: the watch must not list it.
+        tracking.deleting.insert(key.clone());
+        drop(tracking);
+        tracing::info!(op = %op.name, user = op.uid, resource = %format!("{}/{}", key.0, key.1), "request abandoned after its NnfDataMovement was created: deleting it");
+        self.spawn_delete(key.0, key.1);
+    }
+
     fn accept(&self, op: Arc<Operation>, plan: Box<dyn Any + Send>) -> Result<(), Rejection> {
-        let Ok(pending) = plan.downcast::<Pending>() else {
+        let Ok(created) = plan.downcast::<Created>() else {
             return Err(Rejection::new(
                 Errno::EIO,
                 "the request was not prepared here",
             ));
         };
-        let pending = *pending;
-        let Some(me) = self.me.upgrade() else {
-            return Err(Rejection::new(Errno::EIO, "the backend is shutting down"));
-        };
-        let abandoned = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let task_op = op.clone();
-        let task_abandoned = abandoned.clone();
-        let ns = pending.namespace.clone();
-        self.rt.spawn(async move {
-            let api = me.ctx.dms(&ns);
-            let result = match serde_json::from_value::<DynamicObject>(pending.body) {
-                Ok(obj) => retry::create_with_fresh_name(&api, &obj)
-                    .await
-                    .map_err(|e| api_rejection("creating the NnfDataMovement", &e)),
-                Err(e) => Err(Rejection::new(
-                    Errno::EIO,
-                    format!("building the resource: {e}"),
-                )),
-            };
-            let result = result.map(|created| {
-                let res = created.metadata.name.clone().unwrap_or_default();
-                let mut tracking = me.tracking.lock().unwrap();
-                if task_abandoned.load(Ordering::Acquire) {
-                    // The writer was told EAGAIN: nothing of it may remain.
-                    drop(tracking);
-                    me.spawn_delete(ns.clone(), res.clone());
-                    return res;
-                }
-                if !tracking.ops.contains_key(&task_op.name) {
-                    tracking.insert(Tracked {
-                        op: task_op.clone(),
-                        namespace: ns.clone(),
-                        resource: res.clone(),
-                        message: String::new(),
-                        deletable: false,
-                    });
-                }
-                res
+        let mut tracking = self.tracking.lock().unwrap();
+        tracking.not_creating(&op);
+        if !tracking.ops.contains_key(&op.name) {
+            // Unless the watch saw it first.
+            tracking.insert(Tracked {
+                op: op.clone(),
+                namespace: created.namespace.clone(),
+                resource: created.resource.clone(),
+                message: String::new(),
+                deletable: false,
             });
-            let _ = tx.send(result);
-        });
-        let outcome = match rx.recv_timeout(self.timeout) {
-            Ok(result) => result,
-            Err(_) => {
-                let tracking = self.tracking.lock().unwrap();
-                if tracking.ops.contains_key(&op.name) {
-                    // Created just now after all.
-                    Ok(String::new())
-                } else {
-                    abandoned.store(true, Ordering::Release);
-                    Err(self.timed_out("creating the NnfDataMovement"))
-                }
-            }
-        };
-        let res = outcome?;
-        tracing::info!(op = %op.name, namespace = %pending.namespace, resource = %res, "NnfDataMovement created");
+        }
+        drop(tracking);
+        tracing::info!(op = %op.name, user = op.uid, namespace = %created.namespace, resource = %created.resource, "NnfDataMovement created");
         if op.cancel_requested.load(Ordering::Acquire) {
             self.cancel(&op);
         }

@@ -5,8 +5,8 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use kube::api::DynamicObject;
 use kube::runtime::reflector::Store;
+use nnf_api::NnfDataMovement;
 
 use crate::op::{Operation, Status};
 use crate::request::Request;
@@ -20,18 +20,17 @@ impl KubeBackend {
     /// A resource of ours we do not track yet: one being created right now
     /// (its creation's answer not yet seen), or one created before a restart.
     /// Returns whether it is tracked now.
-    pub(super) fn adopt(&self, ns: &str, obj: &DynamicObject) -> bool {
-        let Some(agent) = self.agent() else {
-            return false;
-        };
+    pub(super) fn adopt(&self, ns: &str, obj: &NnfDataMovement) -> bool {
         let res = obj.metadata.name.clone().unwrap_or_default();
         let note = note_of(obj);
-        let existing = agent.lookup(0, &note.name);
-        let op = match existing {
-            Some(op) if op.uid == note.uid => {
-                // Ours, in creation: `accept` will find it tracked.
-                op
-            }
+        let mut tracking = self.tracking.lock().unwrap();
+        if tracking.ops.contains_key(&note.name) {
+            tracing::warn!(resource = %format!("{ns}/{res}"), op = %note.name, "another resource stands for this operation: not listed");
+            return false;
+        }
+        let op = match tracking.creating.get(&note.name) {
+            // Ours, in creation: `accept` will find it tracked.
+            Some(op) if op.uid == note.uid => op.clone(),
             Some(_) => {
                 tracing::warn!(resource = %format!("{ns}/{res}"), op = %note.name, "an operation of another user has this name: not listed");
                 return false;
@@ -45,31 +44,26 @@ impl KubeBackend {
                     PathBuf::from(&note.request.destination),
                     Status::default(),
                 ));
-                if let Err(rejection) = agent.register(op.clone()) {
-                    tracing::warn!(resource = %format!("{ns}/{res}"), op = %note.name, "cannot list the operation again: {}", rejection.reason);
-                    return false;
-                }
-                tracing::info!(resource = %format!("{ns}/{res}"), op = %note.name, user = note.uid, "operation listed again");
+                // The core lists it (or says why not): the name may be
+                // taken by an operation of the core's.
+                self.notify.found(op.clone());
                 op
             }
         };
-        let mut tracking = self.tracking.lock().unwrap();
-        if !tracking.ops.contains_key(&op.name) {
-            tracking.insert(Tracked {
-                op,
-                namespace: ns.to_string(),
-                resource: res,
-                message: String::new(),
-                deletable: false,
-            });
-        }
+        tracking.insert(Tracked {
+            op,
+            namespace: ns.to_string(),
+            resource: res,
+            message: String::new(),
+            deletable: false,
+        });
         true
     }
 
     /// After a (re-)list: an operation whose resource is not in the list was
     /// deleted while we did not watch. Confirmed with a GET before it goes
     /// (it may have been created after the list).
-    pub(super) fn resync(&self, ns: &str, store: &Store<DynamicObject>) {
+    pub(super) fn resync(&self, ns: &str, store: &Store<NnfDataMovement>) {
         let listed: HashSet<String> = store
             .state()
             .iter()
@@ -90,7 +84,8 @@ impl KubeBackend {
             self.rt.spawn(async move {
                 if let Err(e) = me.ctx.dms(&ns).get(&res).await {
                     if not_found(&e) {
-                        let mut gone = DynamicObject::new(&res, &dm_resource());
+                        let mut gone = NnfDataMovement::default();
+                        gone.metadata.name = Some(res.clone());
                         gone.metadata.namespace = Some(ns.clone());
                         me.deleted(&ns, &gone);
                     }
@@ -102,7 +97,7 @@ impl KubeBackend {
 
 /// The operation a resource stands for: its annotation, or (a resource made
 /// by an older daemon) its own name and `spec.userId/groupId`.
-pub(super) fn note_of(obj: &DynamicObject) -> OperationNote {
+pub(super) fn note_of(obj: &NnfDataMovement) -> OperationNote {
     if let Some(note) = obj
         .metadata
         .annotations
@@ -112,17 +107,20 @@ pub(super) fn note_of(obj: &DynamicObject) -> OperationNote {
     {
         return note;
     }
-    let spec = &obj.data["spec"];
-    let id = |key: &str| spec[key].as_u64().unwrap_or(0) as u32;
+    let spec = &obj.spec;
+    let id = |id: i64| u32::try_from(id).unwrap_or(0);
+    let path = |end: &Option<nnf_api::NnfDataMovementSpecSourceDest>| {
+        end.as_ref().map(|e| e.path.clone()).unwrap_or_default()
+    };
     let name = obj.metadata.name.clone().unwrap_or_default();
     OperationNote {
         name: name.clone(),
-        uid: id("userId"),
-        gid: id("groupId"),
+        uid: id(spec.user_id),
+        gid: id(spec.group_id),
         request: Request {
             name: Some(name),
-            source: spec["source"]["path"].as_str().unwrap_or("").into(),
-            destination: spec["destination"]["path"].as_str().unwrap_or("").into(),
+            source: path(&spec.source),
+            destination: path(&spec.destination),
             slots: -1,
             max_slots: -1,
             ..Default::default()

@@ -5,7 +5,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use nnf_api::NnfDataMovement;
 use serde_json::json;
 
 use crate::op::Operation;
@@ -87,9 +88,9 @@ const NAME_TRIES: usize = 5;
 /// a unique name for the object": nothing was created), asks again, which
 /// draws a new name. Upstream fails such a create.
 pub(super) async fn create_with_fresh_name(
-    api: &Api<DynamicObject>,
-    obj: &DynamicObject,
-) -> Result<DynamicObject, kube::Error> {
+    api: &Api<NnfDataMovement>,
+    obj: &NnfDataMovement,
+) -> Result<NnfDataMovement, kube::Error> {
     let mut tries = 1;
     loop {
         match api.create(&PostParams::default(), obj).await {

@@ -6,15 +6,14 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures::StreamExt;
-use kube::api::DynamicObject;
 use kube::runtime::reflector;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
+use nnf_api::NnfDataMovement;
 
 use crate::op::Operation;
 use crate::timefmt::rfc3339;
 
-use super::api::*;
 use super::mapping::*;
 use super::KubeBackend;
 
@@ -35,6 +34,9 @@ pub(super) struct Tracking {
     pub(super) ops: HashMap<String, Tracked>,
     /// (namespace, resource name) → control-filesystem name.
     pub(super) keys: HashMap<(String, String), String>,
+    /// Operations whose resource is being created, by name: the watch may
+    /// see the resource before the create answers.
+    pub(super) creating: HashMap<String, Arc<Operation>>,
     /// Resources being deleted by us: their events are ignored.
     pub(super) deleting: HashSet<(String, String)>,
     /// Namespace → since when its watch fails, and why.
@@ -48,6 +50,18 @@ impl Tracking {
         self.ops.insert(t.op.name.clone(), t);
     }
 
+    /// `op` is no longer being created (only this very one: its name may
+    /// have passed to another request).
+    pub(super) fn not_creating(&mut self, op: &Operation) {
+        if self
+            .creating
+            .get(&op.name)
+            .is_some_and(|o| std::ptr::eq(&**o, op))
+        {
+            self.creating.remove(&op.name);
+        }
+    }
+
     pub(super) fn remove_key(&mut self, key: &(String, String)) -> Option<Tracked> {
         let name = self.keys.remove(key)?;
         self.ops.remove(&name)
@@ -59,7 +73,7 @@ impl KubeBackend {
         let api = self.ctx.dms(&ns);
         let config =
             watcher::Config::default().labels(&format!("{INITIATOR_LABEL}={}", self.ctx.node));
-        let writer = reflector::store::Writer::<DynamicObject>::new(dm_resource());
+        let writer = reflector::store::Writer::<NnfDataMovement>::default();
         let reader = writer.as_reader();
         let stream = reflector::reflector(writer, watcher::watcher(api, config).default_backoff());
         let mut stream = std::pin::pin!(stream);
@@ -126,7 +140,7 @@ impl KubeBackend {
     }
 
     /// An object of ours was added or changed.
-    pub(super) fn observe(&self, ns: &str, obj: &DynamicObject) {
+    pub(super) fn observe(&self, ns: &str, obj: &NnfDataMovement) {
         let Some(res) = obj.metadata.name.clone() else {
             return;
         };
@@ -135,7 +149,7 @@ impl KubeBackend {
             // Rule 1: being deleted is gone.
             return self.deleted(ns, obj);
         }
-        let view = DmView::of(&obj.data);
+        let view = DmView::of(obj);
         let mut tracking = self.tracking.lock().unwrap();
         if tracking.deleting.contains(&key) {
             return;
@@ -169,7 +183,7 @@ impl KubeBackend {
     }
     /// A resource of ours was deleted, or is being deleted: its operation
     /// disappears.
-    pub(super) fn deleted(&self, ns: &str, obj: &DynamicObject) {
+    pub(super) fn deleted(&self, ns: &str, obj: &NnfDataMovement) {
         let Some(res) = obj.metadata.name.clone() else {
             return;
         };
@@ -181,10 +195,10 @@ impl KubeBackend {
         let gone = tracking.remove_key(&key);
         drop(tracking);
         if let Some(t) = gone {
-            tracing::info!(op = %t.op.name, resource = %format!("{}/{}", key.0, key.1), "resource deleted: the operation is gone");
-            if let Some(agent) = self.agent() {
-                agent.forget(&t.op);
-            }
+            tracing::info!(op = %t.op.name, user = t.op.uid, resource = %format!("{}/{}", key.0, key.1), "resource deleted: the operation is gone");
+            t.op.removed
+                .store(true, std::sync::atomic::Ordering::Release);
+            self.notify.gone(t.op);
         }
     }
 }
