@@ -77,6 +77,7 @@ fn root_layout_modes_and_version() {
     assert_eq!(field(&version, "api_versions").unwrap(), "1");
     assert_eq!(field(&version, "backend").unwrap(), "local");
     assert!(agent.read("README").unwrap().contains("echo 1 > cancel"));
+    assert!(agent.read("README").unwrap().contains("cat metrics"));
     // A fresh request file reads empty before any write.
     assert_eq!(agent.read("request").unwrap(), "");
     // Nothing else may be created at the root.

@@ -271,6 +271,7 @@ A generated name can be read back on the same descriptor:
   exec 3<>request; echo \"source=/a destination=/b\" >&3; read -r name <&3
 
 Rejected requests fail the write; `cat errors` says why.
+`cat metrics`: the agent's counters (Prometheus text; root sees each user's).
 
 Each operation is a directory <name>/ with:
   status       key=value lines (name state status progress message ...)
