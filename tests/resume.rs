@@ -272,7 +272,7 @@ fn kill_9_in_a_large_file_copy_redoes_only_the_partial_file() {
     let status = agent.wait_completed("large", LONG);
     assert_eq!(field(&status, "status").unwrap(), "success", "{status}");
     assert_eq!(number(&status, "restarts"), 1);
-    let total = count * mib << 20;
+    let total = (count * mib) << 20;
     let resumed_files = number(&status, "resumed_files");
     assert!((1..count).contains(&resumed_files), "{status}");
     assert_eq!(
