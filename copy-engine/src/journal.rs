@@ -180,6 +180,11 @@ impl Journal {
         self.known.len()
     }
 
+    /// Whether an earlier run recorded the file at `key`.
+    pub(crate) fn lists(&self, key: u64) -> bool {
+        self.known.contains_key(&key)
+    }
+
     /// Whether the file at `key`, whose source stats as `src`, is complete
     /// at the target from an earlier run; `target` stats the target only
     /// when the journal lists it.

@@ -53,7 +53,11 @@ fn same(src: &Path, dst: &Path) {
         .arg(dst)
         .output()
         .expect("diff is installed");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]
