@@ -234,25 +234,25 @@ pub fn run_worker(
     journal_fd: Option<i32>,
 ) -> i32 {
     let mut out = std::io::stdout().lock();
+    // Without its journal the copy still runs, only from the start.
+    let mut notes = Vec::new();
     let journal = match journal_fd.map(|fd| open_journal(fd, target)).transpose() {
         Ok(j) => j,
         Err(e) => {
-            emit(
-                &mut out,
-                &WorkerEvent::Fatal {
-                    message: format!("cannot read the resume journal: {e}"),
-                },
-            );
-            return 2;
+            notes.push(format!(
+                "cannot read the resume journal ({e}): copied everything"
+            ));
+            None
         }
     };
-    run_worker_with(
+    run_worker_inner(
         &mut out,
         source,
         target,
         workers,
         interval,
         journal.as_ref(),
+        notes,
     )
 }
 
@@ -286,6 +286,18 @@ pub fn run_worker_with(
     workers: usize,
     interval: Duration,
     journal: Option<&Journal>,
+) -> i32 {
+    run_worker_inner(out, source, target, workers, interval, journal, Vec::new())
+}
+
+fn run_worker_inner(
+    out: &mut impl Write,
+    source: &Path,
+    target: &Path,
+    workers: usize,
+    interval: Duration,
+    journal: Option<&Journal>,
+    mut notes: Vec<String>,
 ) -> i32 {
     let opts = Options { workers };
     // SIGTERM ends the process; nothing here ever needs to set this.
@@ -331,7 +343,7 @@ pub fn run_worker_with(
     match result {
         Ok(r) => {
             let code = i32::from(r.failure_count > 0);
-            let mut notes = r.notes;
+            notes.extend(r.notes);
             if let Some(e) = journal.and_then(Journal::error) {
                 notes.push(format!(
                     "the resume journal could not be written ({e}): a re-run after a crash would copy everything again"
