@@ -7,8 +7,9 @@
 //! - the source still has the size, modification time and change time
 //!   recorded (a source changed meanwhile, even with its mtime reset by
 //!   `touch -d`, is copied again: nobody can set the ctime);
-//! - the target is still the very inode written (same inode number) and
-//!   has the source's size and mtime (a target replaced or truncated
+//! - the target is still the very inode written (same inode number and,
+//!   unless it has several names, the change time it had when complete)
+//!   and has the source's size and mtime (a target replaced or rewritten
 //!   meanwhile is copied again).
 //!
 //! Crash consistency: a file is appended to the in-memory batch only after
@@ -36,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use crate::sys;
 
-const RECORD: usize = 64;
+const RECORD: usize = 80;
 /// Flush a batch after this many files...
 const FLUSH_FILES: usize = 8192;
 /// ...or this many bytes of completed files (what a crash may make us redo)...
@@ -73,16 +74,19 @@ struct Rec {
     size: u64,
     mtime: (i64, i64),
     ctime: (i64, i64),
+    /// The target's inode and change time once complete.
     ino: u64,
+    tgt_ctime: (i64, i64),
 }
 
 impl Rec {
-    fn of(st: &libc::stat, ino: u64) -> Rec {
+    fn of(st: &libc::stat, tgt: (u64, (i64, i64))) -> Rec {
         Rec {
             size: st.st_size as u64,
             mtime: (st.st_mtime, st.st_mtime_nsec),
             ctime: (st.st_ctime, st.st_ctime_nsec),
-            ino,
+            ino: tgt.0,
+            tgt_ctime: tgt.1,
         }
     }
 
@@ -95,6 +99,8 @@ impl Rec {
             self.ctime.0 as u64,
             self.ctime.1 as u64,
             self.ino,
+            self.tgt_ctime.0 as u64,
+            self.tgt_ctime.1 as u64,
         ];
         let start = out.len();
         for w in words {
@@ -106,7 +112,7 @@ impl Rec {
 
     fn decode(chunk: &[u8]) -> Option<(u64, Rec)> {
         let word = |i: usize| u64::from_le_bytes(chunk[i * 8..i * 8 + 8].try_into().unwrap());
-        if extend_key(FNV_OFFSET ^ MAGIC, &chunk[..56]) != word(7) {
+        if extend_key(FNV_OFFSET ^ MAGIC, &chunk[..72]) != word(9) {
             return None;
         }
         Some((
@@ -116,6 +122,7 @@ impl Rec {
                 mtime: (word(2) as i64, word(3) as i64),
                 ctime: (word(4) as i64, word(5) as i64),
                 ino: word(6),
+                tgt_ctime: (word(7) as i64, word(8) as i64),
             },
         ))
     }
@@ -146,20 +153,24 @@ impl Journal {
     /// appending. `target` is the copy's exact target.
     pub fn open(file: File, target: &Path) -> io::Result<Journal> {
         let len = file.metadata()?.len();
-        let mut data = vec![0u8; len as usize];
-        file.read_exact_at(&mut data, 0)?;
-        let mut known = HashMap::with_capacity(data.len() / RECORD);
-        let mut valid = 0;
-        for chunk in data.chunks_exact(RECORD) {
-            let Some((key, rec)) = Rec::decode(chunk) else {
-                break;
-            };
-            // A later run's record of the same file wins.
-            known.insert(key, rec);
-            valid += RECORD;
+        let mut known = HashMap::with_capacity((len / RECORD as u64) as usize);
+        // In pieces: the journal of a tree of millions of files is large.
+        let mut piece = vec![0u8; RECORD * 16384];
+        let mut valid = 0u64;
+        'read: while valid + RECORD as u64 <= len {
+            let want = ((len - valid) as usize / RECORD * RECORD).min(piece.len());
+            file.read_exact_at(&mut piece[..want], valid)?;
+            for chunk in piece[..want].chunks_exact(RECORD) {
+                let Some((key, rec)) = Rec::decode(chunk) else {
+                    break 'read;
+                };
+                // A later run's record of the same file wins.
+                known.insert(key, rec);
+                valid += RECORD as u64;
+            }
         }
-        if valid as u64 != len {
-            file.set_len(valid as u64)?;
+        if valid != len {
+            file.set_len(valid)?;
         }
         Ok(Journal {
             file,
@@ -197,7 +208,7 @@ impl Journal {
         let Some(rec) = self.known.get(&key) else {
             return false;
         };
-        if *rec != Rec::of(src, rec.ino) {
+        if *rec != Rec::of(src, (rec.ino, rec.tgt_ctime)) {
             return false;
         }
         let Ok(t) = target() else {
@@ -205,16 +216,20 @@ impl Journal {
         };
         t.st_mode & libc::S_IFMT == libc::S_IFREG
             && t.st_ino == rec.ino
+            // Rewritten since (its inode number may well be reused): the
+            // change time says so. Linking more names to it changes it too,
+            // so a target with several names goes by its inode alone.
+            && (t.st_nlink > 1 || (t.st_ctime, t.st_ctime_nsec) == rec.tgt_ctime)
             && t.st_size == src.st_size
             && (t.st_mtime, t.st_mtime_nsec) == (src.st_mtime, src.st_mtime_nsec)
     }
 
     /// Records that the file at `key` is completely written (target inode
-    /// `ino`, source as `src`); flushes the batch when it is due.
-    pub(crate) fn record(&self, key: u64, src: &libc::stat, ino: u64) {
+    /// as `tgt`, source as `src`); flushes the batch when it is due.
+    pub(crate) fn record(&self, key: u64, src: &libc::stat, tgt: &libc::stat) {
         let due = {
             let mut b = self.batch.lock().unwrap();
-            Rec::of(src, ino).encode(key, &mut b.buf);
+            Rec::of(src, (tgt.st_ino, (tgt.st_ctime, tgt.st_ctime_nsec))).encode(key, &mut b.buf);
             b.files += 1;
             b.bytes += src.st_size.max(0) as u64;
             b.oldest.get_or_insert_with(Instant::now);

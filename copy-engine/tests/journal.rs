@@ -68,7 +68,7 @@ fn a_rerun_skips_what_the_journal_lists_and_still_intact() {
     let first = run(&src, &dst, &jp);
     assert_eq!(first.counts.resumed_files, 0);
     // 200 files + the first name of the hard-link pair.
-    assert_eq!(fs::metadata(&jp).unwrap().len(), 201 * 64);
+    assert_eq!(fs::metadata(&jp).unwrap().len(), 201 * 80);
     let total = first.counts.bytes;
 
     let second = run(&src, &dst, &jp);
@@ -82,7 +82,7 @@ fn a_rerun_skips_what_the_journal_lists_and_still_intact() {
         fs::metadata(dst.join("hard2")).unwrap().ino()
     );
     // Nothing new was completed, so nothing new was recorded.
-    assert_eq!(fs::metadata(&jp).unwrap().len(), 201 * 64);
+    assert_eq!(fs::metadata(&jp).unwrap().len(), 201 * 80);
 }
 
 #[test]
@@ -135,15 +135,15 @@ fn a_torn_last_record_is_cut_off() {
     journal_file(&jp).write_all(&[0xab; 17]).unwrap();
     let r = run(&src, &dst, &jp);
     assert_eq!(r.counts.resumed_files, 201);
-    assert_eq!(fs::metadata(&jp).unwrap().len(), 201 * 64);
+    assert_eq!(fs::metadata(&jp).unwrap().len(), 201 * 80);
     // A garbled record ends what is trusted: the files after it are
     // copied again, and the journal goes on from there.
     let data = fs::read(&jp).unwrap();
     let mut garbled = data.clone();
-    garbled[100 * 64 + 3] ^= 0xff;
+    garbled[100 * 80 + 3] ^= 0xff;
     fs::write(&jp, &garbled).unwrap();
     let r = run(&src, &dst, &jp);
     assert_eq!(r.counts.resumed_files, 100);
-    assert_eq!(fs::metadata(&jp).unwrap().len(), 201 * 64);
+    assert_eq!(fs::metadata(&jp).unwrap().len(), 201 * 80);
     same(&src, &dst);
 }

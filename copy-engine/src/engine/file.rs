@@ -150,7 +150,7 @@ pub(super) fn copy_file(shared: &Shared, buf: &mut Vec<u8>, e: &Entry) -> Result
     if let Some(j) = shared.journal {
         if !shared.cancel.load(Ordering::Relaxed) {
             if let Ok(t) = sys::fstat(&tgt) {
-                j.record(e.key, &st, t.st_ino);
+                j.record(e.key, &st, &t);
             }
         }
     }
