@@ -81,7 +81,7 @@ fn worker_of(target: &Path) -> i32 {
     let needle = target.to_str().unwrap().as_bytes().to_vec();
     let mut found = None;
     assert!(
-        wait_until(LONG, || {
+        poll_fast(LONG, || {
             for entry in std::fs::read_dir("/proc").unwrap().flatten() {
                 let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
                     continue;
@@ -101,6 +101,14 @@ fn worker_of(target: &Path) -> i32 {
     found.unwrap()
 }
 
+/// Whether `pid` is stopped (state T in /proc/<pid>/stat).
+fn stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
+        .unwrap_or(true)
+}
+
 /// Polls fast (the copy does not wait for us) until `cond` or the deadline.
 fn poll_fast(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -113,11 +121,13 @@ fn poll_fast(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
-/// Waits until the interrupted run has recorded completed files (and
-/// `more` holds), then `kill -9`s the agent mid-copy and starts it again on
-/// the same state directory. The worker is stopped first so that the copy
-/// cannot finish in the instant between the check and the kill; the agent's
-/// death then takes it down (SIGKILL reaches a stopped process).
+/// Lets the copy run until the interrupted run has recorded completed files
+/// (and `more` holds), then `kill -9`s the agent mid-copy and starts it
+/// again on the same state directory. On a fast file system the whole copy
+/// takes a fraction of a second, so the worker is stopped as soon as it is
+/// seen and let run in slices of a few milliseconds between the checks:
+/// however fast the disk, the kill lands in the middle. The agent's death
+/// then takes the stopped worker down (SIGKILL reaches a stopped process).
 fn crash_mid_copy(agent: &mut Agent, name: &str, target: &Path, more: impl Fn(&Agent) -> bool) {
     kill_mid_copy(agent, name, target, more);
     agent.restart();
@@ -126,13 +136,24 @@ fn crash_mid_copy(agent: &mut Agent, name: &str, target: &Path, more: impl Fn(&A
 /// [`crash_mid_copy`] without the restart.
 fn kill_mid_copy(agent: &mut Agent, name: &str, target: &Path, more: impl Fn(&Agent) -> bool) {
     let worker = worker_of(target);
-    assert!(
-        poll_fast(LONG, || journal_len(agent, name) > 0 && more(agent)),
-        "no progress recorded; status:\n{}",
-        agent.read(&format!("{name}/status")).unwrap_or_default()
-    );
     // SAFETY: signalling the copy worker the agent started for this test.
-    unsafe { libc::kill(worker, libc::SIGSTOP) };
+    let signal = |sig| unsafe { libc::kill(worker, sig) };
+    signal(libc::SIGSTOP);
+    let deadline = Instant::now() + LONG;
+    while !(journal_len(agent, name) > 0 && more(agent)) {
+        assert!(
+            Instant::now() < deadline,
+            "no progress recorded; status:\n{}",
+            agent.read(&format!("{name}/status")).unwrap_or_default()
+        );
+        signal(libc::SIGCONT);
+        std::thread::sleep(Duration::from_millis(3));
+        signal(libc::SIGSTOP);
+        assert!(
+            poll_fast(Duration::from_secs(10), || stopped(worker)),
+            "the worker stops"
+        );
+    }
     let state = agent.read(&format!("{name}/state")).unwrap();
     assert_eq!(state, "running\n", "the copy was still running when killed");
     agent.crash();
