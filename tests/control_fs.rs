@@ -209,7 +209,9 @@ fn status_files_hold_every_key_in_order() {
             "links",
             "bytes",
             "rate_bytes_per_second",
-            "restarts"
+            "restarts",
+            "resumed_files",
+            "resumed_bytes"
         ]
     );
     assert_eq!(agent.read("keys/state").unwrap(), "completed\n");

@@ -38,6 +38,9 @@ pub enum Cmd {
     CopyWorker {
         #[arg(long, default_value_t = 0)]
         workers: usize,
+        /// An inherited descriptor of the operation's resume journal.
+        #[arg(long)]
+        journal_fd: Option<i32>,
         source: PathBuf,
         target: PathBuf,
     },

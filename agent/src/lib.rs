@@ -35,11 +35,17 @@ pub fn run(cli: Cli) -> ExitCode {
         Some(Cmd::User(cmd)) => cli::run(&cli.mount, cmd),
         Some(Cmd::CopyWorker {
             workers,
+            journal_fd,
             source,
             target,
         }) => {
-            let code =
-                copy_engine::run_worker(&source, &target, workers, Duration::from_millis(250));
+            let code = copy_engine::run_worker(
+                &source,
+                &target,
+                workers,
+                Duration::from_millis(250),
+                journal_fd,
+            );
             ExitCode::from(code.clamp(0, 255) as u8)
         }
         None => match daemon::run(cli.run) {

@@ -80,6 +80,12 @@ pub struct Status {
     pub counters: Option<Counters>,
     pub rate_bytes_per_second: Option<u64>,
     pub restarts: u32,
+    /// What a re-run found complete from an earlier run and did not copy
+    /// again; `None` where the copy does not resume (profile commands).
+    #[serde(default)]
+    pub resumed_files: Option<u64>,
+    #[serde(default)]
+    pub resumed_bytes: Option<u64>,
 }
 
 impl Default for Status {
@@ -97,6 +103,8 @@ impl Default for Status {
             counters: None,
             rate_bytes_per_second: None,
             restarts: 0,
+            resumed_files: None,
+            resumed_bytes: None,
         }
     }
 }
@@ -122,7 +130,8 @@ impl Status {
                 .map(|c| f(c).to_string())
                 .unwrap_or_default()
         };
-        let fields: [(&str, String); 18] = [
+        let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
+        let fields: [(&str, String); 20] = [
             ("name", escape(name)),
             ("state", self.state.word().into()),
             ("status", self.outcome.word().into()),
@@ -151,6 +160,8 @@ impl Status {
                     .unwrap_or_default(),
             ),
             ("restarts", self.restarts.to_string()),
+            ("resumed_files", opt(self.resumed_files)),
+            ("resumed_bytes", opt(self.resumed_bytes)),
         ];
         for (key, value) in fields {
             let _ = writeln!(out, "{key}={value}");
@@ -183,6 +194,8 @@ impl Status {
             "bytes": counter(|c| c.bytes),
             "rate_bytes_per_second": self.rate_bytes_per_second,
             "restarts": self.restarts,
+            "resumed_files": self.resumed_files,
+            "resumed_bytes": self.resumed_bytes,
         });
         let mut text = value.to_string();
         text.push('\n');

@@ -32,6 +32,7 @@ pub struct Record {
 pub struct Store {
     ops_dir: PathBuf,
     hostfiles_dir: PathBuf,
+    journals_dir: PathBuf,
     /// Records written but not yet flushed to disk, for the syncer thread.
     unsynced: Arc<(Mutex<Vec<PathBuf>>, Condvar)>,
 }
@@ -43,6 +44,7 @@ impl Store {
     pub fn open(state_dir: &Path) -> io::Result<Store> {
         let ops_dir = state_dir.join("ops");
         let hostfiles_dir = state_dir.join("hostfiles");
+        let journals_dir = state_dir.join("journals");
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o755)
@@ -51,6 +53,11 @@ impl Store {
             .recursive(true)
             .mode(0o700)
             .create(&ops_dir)?;
+        // Only the agent opens journals; the copy gets a descriptor.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&journals_dir)?;
         // Copy commands read their hostfile as the requesting user.
         fs::DirBuilder::new()
             .recursive(true)
@@ -65,6 +72,7 @@ impl Store {
         Ok(Store {
             ops_dir,
             hostfiles_dir,
+            journals_dir,
             unsynced,
         })
     }
@@ -98,6 +106,7 @@ impl Store {
 
     pub fn delete(&self, name: &str) -> io::Result<()> {
         let _ = fs::remove_file(self.hostfile(name));
+        self.delete_journal(name);
         match fs::remove_file(self.path(name)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -123,6 +132,34 @@ impl Store {
             }
         }
         Ok(records)
+    }
+
+    /// The native copy's resume journal (see copy-engine's `Journal`):
+    /// created on its first run, kept across re-runs after a crash, removed
+    /// when the operation completes.
+    pub fn journal(&self, name: &str) -> PathBuf {
+        self.journals_dir.join(name)
+    }
+
+    /// Opens (creating) the journal for reading and appending. The caller
+    /// passes the descriptor to the copy worker, which runs as the user and
+    /// could not open this directory itself.
+    pub fn open_journal(&self, name: &str) -> io::Result<fs::File> {
+        OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(self.journal(name))
+    }
+
+    pub fn delete_journal(&self, name: &str) {
+        match fs::remove_file(self.journal(name)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                tracing::error!(op = name, "cannot delete the resume journal: {e}")
+            }
+            _ => {}
+        }
     }
 
     pub fn hostfile(&self, name: &str) -> PathBuf {

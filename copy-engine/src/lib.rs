@@ -21,8 +21,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use journal::Journal;
+
 mod attrs;
 mod engine;
+mod journal;
 mod pool;
 mod scan;
 mod sys;
@@ -67,6 +70,13 @@ pub struct Counts {
     pub files: u64,
     pub links: u64,
     pub bytes: u64,
+    /// Files (and their bytes) an earlier run of the same operation had
+    /// completed, found intact and not copied again; not part of the counts
+    /// above, so `bytes` is what this run wrote.
+    #[serde(default)]
+    pub resumed_files: u64,
+    #[serde(default)]
+    pub resumed_bytes: u64,
 }
 
 /// Live counters, updated by the workers while they copy. `items` is
@@ -79,6 +89,8 @@ pub struct Progress {
     pub files: AtomicU64,
     pub links: AtomicU64,
     pub bytes: AtomicU64,
+    pub resumed_files: AtomicU64,
+    pub resumed_bytes: AtomicU64,
 }
 
 impl Progress {
@@ -89,6 +101,8 @@ impl Progress {
             files: self.files.load(Ordering::Relaxed),
             links: self.links.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
+            resumed_files: self.resumed_files.load(Ordering::Relaxed),
+            resumed_bytes: self.resumed_bytes.load(Ordering::Relaxed),
         }
     }
 }
@@ -170,10 +184,23 @@ pub fn copy(
     progress: &Progress,
     cancel: &AtomicBool,
 ) -> Result<Report, Error> {
+    copy_resuming(source, target, opts, progress, cancel, None)
+}
+
+/// [`copy`] that skips what an earlier run recorded in `journal` as
+/// complete and records what this run completes.
+pub fn copy_resuming(
+    source: &Path,
+    target: &Path,
+    opts: &Options,
+    progress: &Progress,
+    cancel: &AtomicBool,
+    journal: Option<&Journal>,
+) -> Result<Report, Error> {
     let opts = Options {
         workers: worker_count(opts),
     };
-    engine::copy(source, target, &opts, progress, cancel)
+    engine::copy(source, target, &opts, progress, cancel, journal)
 }
 
 fn worker_count(opts: &Options) -> usize {
@@ -195,9 +222,49 @@ fn emit(out: &mut impl Write, ev: &WorkerEvent) {
 
 /// Entry point of the agent's hidden worker subcommand; returns the exit
 /// code: 0 done without failures, 1 done with failures, 2 fatal.
-pub fn run_worker(source: &Path, target: &Path, workers: usize, interval: Duration) -> i32 {
+///
+/// `journal_fd`, when given, is an inherited descriptor of the operation's
+/// resume journal (open for reading and appending): the worker skips what
+/// earlier runs recorded there and records what it completes.
+pub fn run_worker(
+    source: &Path,
+    target: &Path,
+    workers: usize,
+    interval: Duration,
+    journal_fd: Option<i32>,
+) -> i32 {
     let mut out = std::io::stdout().lock();
-    run_worker_to(&mut out, source, target, workers, interval)
+    // Without its journal the copy still runs, only from the start.
+    let mut notes = Vec::new();
+    let journal = match journal_fd.map(|fd| open_journal(fd, target)).transpose() {
+        Ok(j) => j,
+        Err(e) => {
+            notes.push(format!(
+                "cannot read the resume journal ({e}): copied everything"
+            ));
+            None
+        }
+    };
+    run_worker_inner(
+        &mut out,
+        source,
+        target,
+        workers,
+        interval,
+        journal.as_ref(),
+        notes,
+    )
+}
+
+fn open_journal(fd: i32, target: &Path) -> std::io::Result<Journal> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: F_GETFD only asks whether the number is an open descriptor.
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: an open descriptor handed to this process for it alone.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    Journal::open(file, target)
 }
 
 /// [`run_worker`] writing to any sink, for tests.
@@ -207,6 +274,30 @@ pub fn run_worker_to(
     target: &Path,
     workers: usize,
     interval: Duration,
+) -> i32 {
+    run_worker_with(out, source, target, workers, interval, None)
+}
+
+/// [`run_worker_to`] with a resume journal.
+pub fn run_worker_with(
+    out: &mut impl Write,
+    source: &Path,
+    target: &Path,
+    workers: usize,
+    interval: Duration,
+    journal: Option<&Journal>,
+) -> i32 {
+    run_worker_inner(out, source, target, workers, interval, journal, Vec::new())
+}
+
+fn run_worker_inner(
+    out: &mut impl Write,
+    source: &Path,
+    target: &Path,
+    workers: usize,
+    interval: Duration,
+    journal: Option<&Journal>,
+    mut notes: Vec<String>,
 ) -> i32 {
     let opts = Options { workers };
     // SIGTERM ends the process; nothing here ever needs to set this.
@@ -234,12 +325,17 @@ pub fn run_worker_to(
     let result = std::thread::scope(|s| {
         let (tx, rx) = mpsc::channel::<()>();
         let copier = s.spawn(|| {
-            let r = copy(source, target, &opts, &progress, &cancel);
+            let r = copy_resuming(source, target, &opts, &progress, &cancel, journal);
             drop(tx);
             r
         });
         // The channel closing is the end signal; the timeout is the tick.
         while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(interval) {
+            // Files finish in bursts: the last few of a burst must not
+            // wait for the next burst to reach the journal.
+            if let Some(j) = journal {
+                j.flush_if_due();
+            }
             emit(out, &WorkerEvent::Progress(progress.snapshot()));
         }
         copier.join().expect("copy thread panicked")
@@ -247,13 +343,19 @@ pub fn run_worker_to(
     match result {
         Ok(r) => {
             let code = i32::from(r.failure_count > 0);
+            notes.extend(r.notes);
+            if let Some(e) = journal.and_then(Journal::error) {
+                notes.push(format!(
+                    "the resume journal could not be written ({e}): a re-run after a crash would copy everything again"
+                ));
+            }
             emit(
                 out,
                 &WorkerEvent::Done {
                     counts: r.counts,
                     failure_count: r.failure_count,
                     failures: r.failures,
-                    notes: r.notes,
+                    notes,
                 },
             );
             code

@@ -214,6 +214,8 @@ fn copies_tree_faithfully_and_counts() {
                 files: 206,
                 links: 2,
                 bytes: totals.total_bytes,
+                resumed_files: 0,
+                resumed_bytes: 0,
             }
         );
         assert_eq!(totals.total_items, 214);

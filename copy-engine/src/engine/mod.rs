@@ -1,4 +1,8 @@
-//! The parallel copy itself.
+//! The parallel copy itself: the walk over directories here, regular files
+//! in `file`, symlinks and special files in `entry`.
+
+mod entry;
+mod file;
 
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
@@ -8,10 +12,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::attrs::{self, Claim, Identity, Links, Names, NotKept, Step, Tgt, XErr};
+use crate::attrs::{self, Identity, Links, Names, NotKept, Step, Tgt, XErr};
+use crate::journal::{self, Journal};
 use crate::pool::{self, Pool};
 use crate::sys::{self, Node};
 use crate::{Error, Options, Progress, Report};
+
+use entry::{copy_entry, copy_special, copy_symlink};
+use file::copy_file;
 
 /// Files per task: big enough to amortise the queue lock, small enough that
 /// a directory of a few hundred files still spreads over every worker.
@@ -23,7 +31,7 @@ const BUF_SIZE: usize = 1 << 20;
 const MAX_FAILURES: usize = 10;
 const MAX_NOTES: usize = 100;
 
-const DIR_FLAGS: libc::c_int = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+pub(crate) const DIR_FLAGS: libc::c_int = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
 
 struct Shared<'a> {
     progress: &'a Progress,
@@ -39,6 +47,9 @@ struct Shared<'a> {
     id: Identity,
     links: Links,
     not_kept: NotKept,
+    /// What earlier runs of this operation completed, and where this run
+    /// records what it completes; `None` copies everything.
+    journal: Option<&'a Journal>,
 }
 
 impl Shared<'_> {
@@ -81,6 +92,8 @@ struct DirNode {
     /// One for the listing itself plus one per child task.
     pending: AtomicUsize,
     parent: Option<Arc<DirNode>>,
+    /// The journal key of `tgt_path`, which its entries' keys extend.
+    key: u64,
 }
 
 enum Task {
@@ -135,6 +148,8 @@ struct Entry<'a> {
     gives_acls: bool,
     /// Inside a tree (hard links are grouped there only).
     in_tree: bool,
+    /// The journal key of the target path.
+    key: u64,
 }
 
 pub(crate) fn copy(
@@ -143,6 +158,7 @@ pub(crate) fn copy(
     opts: &Options,
     progress: &Progress,
     cancel: &AtomicBool,
+    journal: Option<&Journal>,
 ) -> Result<Report, Error> {
     let src_err = |e| Error::Source {
         path: source.to_path_buf(),
@@ -165,6 +181,7 @@ pub(crate) fn copy(
         id: Identity::current(),
         links: Links::default(),
         not_kept: NotKept::default(),
+        journal,
     };
     let parent = target
         .parent()
@@ -195,6 +212,7 @@ pub(crate) fn copy(
             gives_acls,
             pending: AtomicUsize::new(1),
             parent: None,
+            key: journal::key_of(target),
         });
         let workers = if opts.workers == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -228,12 +246,17 @@ pub(crate) fn copy(
             fresh: shared.id.fresh_owner(&parent_st),
             gives_acls: attrs::gives_acls(Node::Path(&cparent)),
             in_tree: false,
+            key: journal::key_of(target),
         };
         let res = if ft.is_symlink() {
             copy_symlink(&shared, &entry).map(|()| progress.add_link())
         } else if ft.is_file() {
             let mut buf = Vec::new();
-            copy_file(&shared, &mut buf, &entry).map(|()| progress.add_file())
+            copy_file(&shared, &mut buf, &entry).map(|copied| {
+                if copied {
+                    progress.add_file();
+                }
+            })
         } else {
             copy_special(&shared, &entry).map(drop)
         };
@@ -244,6 +267,9 @@ pub(crate) fn copy(
     }
     if cancel.load(Ordering::Relaxed) {
         return Err(Error::Cancelled);
+    }
+    if let Some(j) = journal {
+        j.flush();
     }
     let mut notes = shared.notes.into_inner().unwrap();
     let extra = shared.skipped_notes.load(Ordering::Relaxed);
@@ -379,6 +405,7 @@ fn enter_dir(shared: &Shared, parent: &Arc<DirNode>, name: &CStr) -> Option<Arc<
         gives_acls,
         pending: AtomicUsize::new(1),
         parent: Some(parent.clone()),
+        key: journal::child_key(parent.key, name.to_bytes()),
     }))
 }
 
@@ -522,375 +549,6 @@ fn set_mode(fd: &OwnedFd, mode: u32) -> io::Result<()> {
     }
 }
 
-fn copy_entry(shared: &Shared, dir: &DirNode, name: &CStr, d_type: u8, buf: &mut Vec<u8>) {
-    let src_path = || join(&dir.src_path, name);
-    let tgt_path = || join(&dir.tgt_path, name);
-    let entry = Entry {
-        src_dir: dir.src.as_raw_fd(),
-        tgt_dir: dir.tgt.as_raw_fd(),
-        name,
-        tgt_name: name,
-        src_path: &src_path,
-        tgt_path: &tgt_path,
-        fresh: dir.fresh,
-        gives_acls: dir.gives_acls,
-        in_tree: true,
-    };
-    let res = match d_type {
-        libc::DT_REG => copy_file(shared, buf, &entry).map(|()| shared.progress.add_file()),
-        libc::DT_LNK => copy_symlink(shared, &entry).map(|()| shared.progress.add_link()),
-        libc::DT_FIFO | libc::DT_SOCK | libc::DT_CHR | libc::DT_BLK => {
-            copy_special(shared, &entry).map(drop)
-        }
-        _ => {
-            shared.note(format!("skipped special file: {}", src_path().display()));
-            Ok(())
-        }
-    };
-    match res {
-        Ok(()) => {}
-        Err(Side::Src(e)) => shared.fail(&src_path(), &e),
-        Err(Side::Tgt(e)) => shared.fail(&tgt_path(), &e),
-    }
-}
-
-/// Runs `make` for a new entry; a re-run first removes what the previous
-/// run left there.
-fn create_replacing(e: &Entry, make: impl Fn() -> io::Result<()>) -> Result<(), Side> {
-    match make() {
-        Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {
-            sys::unlinkat(e.tgt_dir, e.tgt_name, 0).map_err(Side::Tgt)?;
-            make().map_err(Side::Tgt)
-        }
-        other => other.map_err(Side::Tgt),
-    }
-}
-
-/// Owner and xattrs of an entry that cannot be opened (a symlink or special
-/// file): by name, with full paths for the xattr calls. Returns the names
-/// so the caller can set its ACLs after the mode.
-fn by_name_meta(
-    shared: &Shared,
-    e: &Entry,
-    st: &libc::stat,
-    paths: &(CString, CString),
-) -> Result<Names, Side> {
-    let tgt = Tgt::At {
-        dir: e.tgt_dir,
-        name: e.tgt_name,
-        path: &paths.1,
-    };
-    shared.id.set_owner(tgt, st, e.fresh).map_err(Side::Tgt)?;
-    let names = Names::of(Node::Path(&paths.0)).map_err(Side::Src)?;
-    if !names.is_empty() {
-        attrs::copy_xattrs(
-            &names,
-            Step::Plain,
-            Node::Path(&paths.0),
-            tgt,
-            &shared.not_kept,
-            e.tgt_path,
-        )?;
-    }
-    Ok(names)
-}
-
-fn full_paths(e: &Entry) -> Result<(CString, CString), Side> {
-    Ok((
-        sys::cstring(&(e.src_path)()).map_err(Side::Src)?,
-        sys::cstring(&(e.tgt_path)()).map_err(Side::Tgt)?,
-    ))
-}
-
-fn copy_symlink(shared: &Shared, e: &Entry) -> Result<(), Side> {
-    let st = sys::fstatat(e.src_dir, e.name, libc::AT_SYMLINK_NOFOLLOW).map_err(Side::Src)?;
-    let link = sys::readlinkat(e.src_dir, e.name).map_err(Side::Src)?;
-    create_replacing(e, || sys::symlinkat(&link, e.tgt_dir, e.tgt_name))?;
-    // Symlinks have no mode and no ACLs; Linux allows them no user.*
-    // xattrs either, so this is about root's trusted.*/security.*.
-    let paths = full_paths(e)?;
-    by_name_meta(shared, e, &st, &paths)?;
-    sys::utimensat_nofollow(e.tgt_dir, e.tgt_name, &sys::times_of(&st)).map_err(Side::Tgt)
-}
-
-/// FIFOs and sockets are recreated, device nodes too where the kernel
-/// lets us (CAP_MKNOD); otherwise they are skipped with a note, where
-/// `cp -a` fails. Returns whether the entry was created.
-fn copy_special(shared: &Shared, e: &Entry) -> Result<bool, Side> {
-    let st = sys::fstatat(e.src_dir, e.name, libc::AT_SYMLINK_NOFOLLOW).map_err(Side::Src)?;
-    let fmt = st.st_mode & libc::S_IFMT;
-    let mode = st.st_mode & 0o7777;
-    let device = fmt == libc::S_IFCHR || fmt == libc::S_IFBLK;
-    let rdev = if device { st.st_rdev } else { 0 };
-    match create_replacing(e, || {
-        sys::mknodat(e.tgt_dir, e.tgt_name, fmt | (mode & 0o777), rdev)
-    }) {
-        Err(Side::Tgt(err)) if device && err.raw_os_error() == Some(libc::EPERM) => {
-            shared.note(format!(
-                "skipped device node (creating one needs privileges): {}",
-                (e.src_path)().display()
-            ));
-            return Ok(false);
-        }
-        other => other?,
-    }
-    let paths = full_paths(e)?;
-    let names = by_name_meta(shared, e, &st, &paths)?;
-    if e.gives_acls {
-        let tgt = Tgt::At {
-            dir: e.tgt_dir,
-            name: e.tgt_name,
-            path: &paths.1,
-        };
-        attrs::drop_inherited(&names, tgt, false).map_err(Side::Tgt)?;
-    }
-    // mknod applied the umask and cannot set setuid/setgid/sticky.
-    sys::fchmodat(e.tgt_dir, e.tgt_name, mode).map_err(Side::Tgt)?;
-    if !names.is_empty() {
-        let tgt = Tgt::At {
-            dir: e.tgt_dir,
-            name: e.tgt_name,
-            path: &paths.1,
-        };
-        attrs::copy_xattrs(
-            &names,
-            Step::Acls,
-            Node::Path(&paths.0),
-            tgt,
-            &shared.not_kept,
-            e.tgt_path,
-        )?;
-    }
-    sys::utimensat_nofollow(e.tgt_dir, e.tgt_name, &sys::times_of(&st)).map_err(Side::Tgt)?;
-    Ok(true)
-}
-
-/// Links `e` to `first`, the finished copy of another name of the same
-/// source inode; replaces what a previous run left.
-fn link_to(e: &Entry, first: &CStr) -> Result<(), Side> {
-    create_replacing(e, || sys::linkat(first, e.tgt_dir, e.tgt_name))
-}
-
-fn copy_file(shared: &Shared, buf: &mut Vec<u8>, e: &Entry) -> Result<(), Side> {
-    let src =
-        sys::openat(e.src_dir, e.name, libc::O_RDONLY | libc::O_NOFOLLOW, 0).map_err(Side::Src)?;
-    let st = sys::fstat(&src).map_err(Side::Src)?;
-    let mut guard = None;
-    if e.in_tree && st.st_nlink > 1 {
-        match shared.links.claim(&st) {
-            Claim::First(g) => guard = Some(g),
-            Claim::LinkTo(first) => match link_to(e, &first) {
-                Ok(()) => {
-                    shared.progress.add_bytes(st.st_size as u64);
-                    return Ok(());
-                }
-                // No link possible here (EMLINK, a file system without
-                // hard links): the data is still worth a copy of its own.
-                Err(_) => {
-                    shared.not_kept.add(
-                        "hard links".to_string(),
-                        "the destination refused the link; copied instead",
-                        (e.tgt_path)(),
-                    );
-                }
-            },
-        }
-    }
-    let names = Names::of(Node::Fd(&src)).map_err(Side::Src)?;
-    let mode = st.st_mode & 0o7777;
-    // The kernel wants write permission for user.* xattrs even from the
-    // owner, so a read-only file is created writable until its xattrs are
-    // in (cp -a's chmod u+rw in copy_reg does the same).
-    let create_mode = if !shared.id.root && mode & 0o200 == 0 && names.has_plain() {
-        mode | 0o200
-    } else {
-        mode
-    };
-    let wr = libc::O_WRONLY | libc::O_CREAT | libc::O_NOFOLLOW;
-    // O_EXCL first: a fresh file gets its final mode from open itself and
-    // needs no fchmod; only a re-run pays for the second open.
-    let (tgt, existed) = match sys::openat(e.tgt_dir, e.tgt_name, wr | libc::O_EXCL, create_mode) {
-        Ok(fd) => (fd, false),
-        Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {
-            match sys::openat(e.tgt_dir, e.tgt_name, wr | libc::O_TRUNC, create_mode) {
-                Ok(fd) => (fd, true),
-                Err(err) if err.raw_os_error() == Some(libc::ELOOP) => {
-                    // A symlink left where a file now is: replace it rather
-                    // than write through it.
-                    sys::unlinkat(e.tgt_dir, e.tgt_name, 0).map_err(Side::Tgt)?;
-                    (
-                        sys::openat(e.tgt_dir, e.tgt_name, wr | libc::O_EXCL, create_mode)
-                            .map_err(Side::Tgt)?,
-                        false,
-                    )
-                }
-                Err(err) => return Err(Side::Tgt(err)),
-            }
-        }
-        Err(err) => return Err(Side::Tgt(err)),
-    };
-    copy_data(shared, buf, &src, &tgt, &st)?;
-    // cp -a's order: owner, xattrs, mode, ACLs, times. chown clears
-    // setuid/setgid and security.capability, so it goes first; writing
-    // clears setuid/setgid for unprivileged writers, so those bits are set
-    // after the data; the umask may also have stripped bits.
-    let have = if existed {
-        let t = sys::fstat(&tgt).map_err(Side::Tgt)?;
-        (t.st_uid, t.st_gid)
-    } else {
-        e.fresh
-    };
-    shared
-        .id
-        .set_owner(Tgt::Fd(&tgt), &st, have)
-        .map_err(Side::Tgt)?;
-    if !names.is_empty() {
-        attrs::copy_xattrs(
-            &names,
-            Step::Plain,
-            Node::Fd(&src),
-            Tgt::Fd(&tgt),
-            &shared.not_kept,
-            e.tgt_path,
-        )?;
-    }
-    if e.gives_acls {
-        attrs::drop_inherited(&names, Tgt::Fd(&tgt), false).map_err(Side::Tgt)?;
-    }
-    // Under a default ACL the umask is not applied, the ACL is.
-    if existed
-        || mode & 0o7000 != 0
-        || mode & shared.umask != 0
-        || create_mode != mode
-        || e.gives_acls
-    {
-        set_mode(&tgt, mode).map_err(Side::Tgt)?;
-    }
-    if !names.is_empty() {
-        attrs::copy_xattrs(
-            &names,
-            Step::Acls,
-            Node::Fd(&src),
-            Tgt::Fd(&tgt),
-            &shared.not_kept,
-            e.tgt_path,
-        )?;
-    }
-    sys::futimens(&tgt, &sys::times_of(&st)).map_err(Side::Tgt)?;
-    if let Some(g) = guard {
-        g.done(&(e.tgt_path)());
-    }
-    Ok(())
-}
-
-fn copy_data(
-    shared: &Shared,
-    buf: &mut Vec<u8>,
-    src: &OwnedFd,
-    tgt: &OwnedFd,
-    st: &libc::stat,
-) -> Result<(), Side> {
-    let size = st.st_size;
-    if size <= 0 {
-        return Ok(());
-    }
-    let sparse = (st.st_blocks as i128) * 512 < size as i128;
-    if !sparse {
-        // No SEEK_DATA probing for the common dense file: copy up to the
-        // size seen by fstat (one call for a small file; a file growing
-        // while being copied has no consistent content to preserve anyway).
-        return copy_range(shared, buf, src, tgt, 0, size);
-    }
-    let mut off = 0i64;
-    while off < size {
-        let data = match sys::lseek(src, off, libc::SEEK_DATA) {
-            Ok(Some(d)) => d,
-            Ok(None) => break,
-            // No SEEK_DATA support: treat the rest as data.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => off,
-            Err(e) => return Err(Side::Src(e)),
-        };
-        if data >= size {
-            break;
-        }
-        let hole = match sys::lseek(src, data, libc::SEEK_HOLE) {
-            Ok(Some(h)) => h.min(size),
-            Ok(None) => size,
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => size,
-            Err(e) => return Err(Side::Src(e)),
-        };
-        shared.progress.add_bytes((data - off) as u64);
-        copy_range(shared, buf, src, tgt, data, hole)?;
-        off = hole;
-        if shared.cancel.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-    }
-    if off < size {
-        shared.progress.add_bytes((size - off) as u64);
-    }
-    // Extends the file over a trailing hole.
-    sys::ftruncate(tgt, size).map_err(Side::Tgt)
-}
-
-/// Copies bytes [start, end) at the same offsets; stops early at EOF.
-fn copy_range(
-    shared: &Shared,
-    buf: &mut Vec<u8>,
-    src: &OwnedFd,
-    tgt: &OwnedFd,
-    start: i64,
-    end: i64,
-) -> Result<(), Side> {
-    let mut off = start;
-    if !shared.no_cfr.load(Ordering::Relaxed) {
-        while off < end {
-            let (mut oi, mut oo) = (off, off);
-            let len = ((end - off) as usize).min(CHUNK);
-            match sys::copy_file_range(src, Some(&mut oi), tgt, Some(&mut oo), len) {
-                Ok(0) => return Ok(()),
-                Ok(n) => {
-                    off += n as i64;
-                    shared.progress.add_bytes(n as u64);
-                }
-                Err(e) => match e.raw_os_error() {
-                    Some(libc::ENOSYS) => {
-                        shared.no_cfr.store(true, Ordering::Relaxed);
-                        break;
-                    }
-                    Some(libc::EXDEV | libc::EOPNOTSUPP | libc::EINVAL) => break,
-                    // Which side failed is not knowable from the error:
-                    // out-of-space and quota are the likely ones, both target.
-                    _ => return Err(Side::Tgt(e)),
-                },
-            }
-            if shared.cancel.load(Ordering::Relaxed) {
-                return Ok(());
-            }
-        }
-        if off >= end {
-            return Ok(());
-        }
-    }
-    if buf.is_empty() {
-        buf.resize(BUF_SIZE, 0);
-    }
-    while off < end {
-        let len = ((end - off) as usize).min(buf.len());
-        let n = sys::pread(src, &mut buf[..len], off).map_err(Side::Src)?;
-        if n == 0 {
-            return Ok(());
-        }
-        sys::pwrite_all(tgt, &buf[..n], off).map_err(Side::Tgt)?;
-        off += n as i64;
-        shared.progress.add_bytes(n as u64);
-        if shared.cancel.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-    }
-    Ok(())
-}
-
 impl Progress {
     fn add_dir(&self) {
         self.directories.fetch_add(1, Ordering::Relaxed);
@@ -906,5 +564,9 @@ impl Progress {
     }
     fn add_bytes(&self, n: u64) {
         self.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+    fn add_resumed(&self, bytes: u64) {
+        self.resumed_files.fetch_add(1, Ordering::Relaxed);
+        self.resumed_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 }
