@@ -22,13 +22,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
+use clap::{Parser, Subcommand};
+use daemon_common::logging::{LogFormat, Logging, TimeFormat};
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
@@ -217,51 +212,14 @@ fn double_dash(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
         .collect()
 }
 
-/// `30s`, `1m`, `1m30s`, `500ms`, `2h`; a bare number is seconds.
+/// `30s`, `1m`, `1m30s`, `500ms`, `2h`, `1d`; a bare number is seconds.
+/// Zero is refused (except a bare `0`, as before the grammar was shared).
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if let Ok(secs) = text.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = text;
-    if rest.is_empty() {
-        return Err("empty duration".into());
-    }
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(format!(
-                "invalid duration {text:?} (use e.g. 30s, 1m, 1m30s)"
-            ));
-        }
-        let n: u64 = rest[..digits]
-            .parse()
-            .map_err(|e| format!("{text:?}: {e}"))?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            other => {
-                return Err(format!(
-                    "invalid unit {other:?} in duration {text:?} (use ms, s, m, h)"
-                ))
-            }
-        };
-        total += unit;
-        rest = &rest[unit_len..];
-    }
-    if total.is_zero() {
+    let d = daemon_common::time::parse_duration(text)?;
+    if d.is_zero() && text.trim().parse::<u64>().is_err() {
         return Err("duration must be positive".into());
     }
-    Ok(total)
+    Ok(d)
 }
 
 /// glibc gives every thread that mallocs its own arena and keeps the
@@ -275,68 +233,6 @@ fn limit_malloc_arenas() {
     // thread exists.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-}
-
-/// Time stamps of log lines, `--zap-time-encoding` or tracing's default.
-#[derive(Debug, Clone, Copy)]
-enum TimeFormat {
-    Default,
-    Epoch,
-    Millis,
-    Nano,
-    Iso8601,
-    Rfc3339,
-    Rfc3339Nano,
-}
-
-/// Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
-fn civil(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
-impl TimeFormat {
-    fn render(self, since_epoch: Duration) -> String {
-        let secs = since_epoch.as_secs() as i64;
-        let nanos = since_epoch.subsec_nanos();
-        let date = || {
-            let (y, mo, d) = civil(secs.div_euclid(86_400));
-            let t = secs.rem_euclid(86_400);
-            format!(
-                "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}",
-                t / 3600,
-                t / 60 % 60,
-                t % 60
-            )
-        };
-        match self {
-            TimeFormat::Epoch => format!("{secs}.{nanos:09}"),
-            TimeFormat::Millis => format!("{}.{:06}", since_epoch.as_millis(), nanos % 1_000_000),
-            TimeFormat::Nano => since_epoch.as_nanos().to_string(),
-            TimeFormat::Iso8601 => format!("{}.{:03}Z", date(), nanos / 1_000_000),
-            TimeFormat::Rfc3339 => format!("{}Z", date()),
-            TimeFormat::Rfc3339Nano | TimeFormat::Default => format!("{}.{nanos:09}Z", date()),
-        }
-    }
-}
-
-impl tracing_subscriber::fmt::time::FormatTime for TimeFormat {
-    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
-        if let TimeFormat::Default = self {
-            return tracing_subscriber::fmt::time::SystemTime.format_time(w);
-        }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        w.write_str(&self.render(now))
     }
 }
 
@@ -373,18 +269,14 @@ fn log_settings(cli: &Cli) -> (String, LogFormat, TimeFormat) {
 }
 
 fn init_logging(level: &str, format: LogFormat, time: TimeFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_target(false)
-        .with_timer(time);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    Logging {
+        filter_env: "RUST_LOG",
+        default_filter: level,
+        format,
+        time,
+        target: false,
     }
+    .init();
 }
 
 fn describe_timeout(t: Option<Duration>) -> String {
@@ -564,24 +456,6 @@ mod tests {
             "epoch"
         ])
         .is_ok());
-    }
-
-    #[test]
-    fn time_encodings() {
-        let t = Duration::new(1_700_000_000, 123_456_789);
-        assert_eq!(TimeFormat::Epoch.render(t), "1700000000.123456789");
-        assert_eq!(TimeFormat::Millis.render(t), "1700000000123.456789");
-        assert_eq!(TimeFormat::Nano.render(t), "1700000000123456789");
-        assert_eq!(TimeFormat::Iso8601.render(t), "2023-11-14T22:13:20.123Z");
-        assert_eq!(TimeFormat::Rfc3339.render(t), "2023-11-14T22:13:20Z");
-        assert_eq!(
-            TimeFormat::Rfc3339Nano.render(t),
-            "2023-11-14T22:13:20.123456789Z"
-        );
-        assert_eq!(
-            TimeFormat::Rfc3339.render(Duration::ZERO),
-            "1970-01-01T00:00:00Z"
-        );
     }
 
     #[test]

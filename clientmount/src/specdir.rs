@@ -17,6 +17,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use daemon_common::signals;
 use nnf_api::{
     labels, ClientMount, ClientMountState, ClientMountStatus, NnfStorageProfile, Servers,
     CLIENTMOUNT_FINALIZER, CLIENTMOUNT_KIND, SERVERS_KIND, STORAGE_PROFILE_KIND,
@@ -398,15 +399,10 @@ enum Event {
 /// other thread exists, so every thread inherits the mask); they are then
 /// taken synchronously by [`run`]'s signal thread.
 pub fn block_signals() {
-    // SAFETY: sigset manipulation on a local set.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
+    signals::block(&TERMINATION);
 }
+
+const TERMINATION: [signals::Signal; 2] = [signals::Signal::SIGTERM, signals::Signal::SIGINT];
 
 fn spawn_signal_thread(tx: Sender<Event>) {
     spawn_sigwait_thread(move || tx.send(Event::Shutdown).is_ok());
@@ -416,26 +412,12 @@ fn spawn_signal_thread(tx: Sender<Event>) {
 /// `sigwait`; `on_signal` returns false to end the thread. Shared with the
 /// Kubernetes driver.
 pub(crate) fn spawn_sigwait_thread(mut on_signal: impl FnMut() -> bool + Send + 'static) {
-    thread::spawn(move || loop {
-        // SAFETY: sigwait on the set blocked by block_signals.
-        let sig = unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGTERM);
-            libc::sigaddset(&mut set, libc::SIGINT);
-            let mut sig = 0;
-            if libc::sigwait(&set, &mut sig) != 0 {
-                continue;
-            }
-            sig
-        };
+    signals::block(&TERMINATION).spawn_waiter(move |sig| {
         info!(
-            signal = sig,
+            signal = sig as i32,
             "termination signal: finishing commands in flight"
         );
-        if !on_signal() {
-            return;
-        }
+        on_signal()
     });
 }
 
