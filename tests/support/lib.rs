@@ -300,6 +300,7 @@ pub fn python(script: &str) -> Output {
         .expect("run python3")
 }
 pub mod clientmount;
+pub mod kube;
 
 /// Creates an executable file through another process. Writing it from this
 /// (multi-threaded) test process would let a child forked meanwhile by another
