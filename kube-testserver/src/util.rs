@@ -287,15 +287,9 @@ pub(crate) fn json_type_name(v: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
-    fn formats_timestamps() {
-        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
-        assert_eq!(
-            rfc3339(UNIX_EPOCH + Duration::from_secs(1_709_210_096)),
-            "2024-02-29T12:34:56Z"
-        );
+    fn recognises_date_times() {
         assert!(is_date_time("2024-02-29T12:34:56Z"));
         assert!(is_date_time("2024-02-29T12:34:56.123456+02:00"));
         assert!(!is_date_time("2024-02-29"));
