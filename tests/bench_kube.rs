@@ -19,12 +19,10 @@ use std::time::{Duration, Instant};
 
 use dm_proto::data_mover_client::DataMoverClient;
 use dm_proto::{DataMovementCreateRequest, DataMovementWorkflow};
-use integration_tests::{wait_until, Agent};
+use integration_tests::kube::{kube_agent, seed_wf1, Wf1Mount};
+use integration_tests::wait_until;
 use kube_testserver::{Config, TestServer, NNF_DM};
 use serde_json::json;
-
-const NODE: &str = "compute-1";
-const RABBIT: &str = "rabbit-1";
 
 fn env_or(key: &str, default: usize) -> usize {
     std::env::var(key)
@@ -36,50 +34,16 @@ fn env_or(key: &str, default: usize) -> usize {
 /// Workflow `wf1` in PreRun with one gfs2 mount on the compute node and the
 /// Rabbit, one LustreFileSystem, one default profile.
 fn seed(server: &TestServer) {
-    server.put_object(json!({
-        "apiVersion": "dataworkflowservices.github.io/v1alpha7",
-        "kind": "Workflow",
-        "metadata": {"name": "wf1", "namespace": "default"},
-        "spec": {"desiredState": "PreRun", "dwDirectives": [], "forceReady": false,
-                 "groupID": 0, "userID": 0, "jobID": 1, "wlmID": "slurm"},
-        "status": {"state": "PreRun", "status": "Completed", "ready": true},
-    }));
-    for (ns, path) in [
-        (NODE, "/mnt/nnf/gfs-1"),
-        (RABBIT, "/rabbit/gfs-1/compute-1"),
-    ] {
-        server.put_object(json!({
-            "apiVersion": "dataworkflowservices.github.io/v1alpha7",
-            "kind": "ClientMount",
-            "metadata": {"name": "wf1-gfs", "namespace": ns, "labels": {
-                "dataworkflowservices.github.io/workflow.name": "wf1",
-                "dataworkflowservices.github.io/workflow.namespace": "default",
-                "nnf.cray.hpe.com/directive_index": "1"}},
-            "spec": {"node": ns, "desiredState": "mounted", "mounts": [{
-                "mountPath": path, "type": "gfs2", "targetType": "directory",
-                "options": "", "setPermissions": false,
-                "device": {"type": "reference", "deviceReference": {
-                    "objectReference": {"kind": "NnfNodeBlockStorage", "name": "wf1-1", "namespace": RABBIT},
-                    "data": 0}}}]},
-        }));
-    }
-    server.put_object(json!({
-        "apiVersion": "lus.cray.hpe.com/v1beta1",
-        "kind": "LustreFileSystem",
-        "metadata": {"name": "global", "namespace": "lus-ns"},
-        "spec": {"name": "global", "mgsNids": "10.0.0.1@tcp", "mountRoot": "/lus/global"},
-    }));
-    server.put_object(json!({
-        "apiVersion": "nnf.cray.hpe.com/v1alpha11",
-        "kind": "NnfDataMovementProfile",
-        "metadata": {"name": "default", "namespace": "nnf-system"},
-        "data": {"default": true,
-                 "command": "ulimit -n 2048 && mpirun --allow-run-as-root --hostfile $HOSTFILE dcp --progress 1 --uid $UID --gid $GID $SRC $DEST",
-                 "createDestDir": true, "maxSlots": 0, "slots": 8,
-                 "mkdirCommand": "mpirun --allow-run-as-root -np 1 --hostfile $HOSTFILE -- $SETPRIV mkdir -p $PATH",
-                 "setprivCommand": "setpriv --euid $UID --egid $GID --clear-groups",
-                 "statCommand": "mpirun --allow-run-as-root -np 1 --hostfile $HOSTFILE -- $SETPRIV stat --cached never -c '%F' $PATH"},
-    }));
+    seed_wf1(
+        server,
+        Wf1Mount::Gfs2,
+        json!({"default": true,
+               "command": "ulimit -n 2048 && mpirun --allow-run-as-root --hostfile $HOSTFILE dcp --progress 1 --uid $UID --gid $GID $SRC $DEST",
+               "createDestDir": true, "maxSlots": 0, "slots": 8,
+               "mkdirCommand": "mpirun --allow-run-as-root -np 1 --hostfile $HOSTFILE -- $SETPRIV mkdir -p $PATH",
+               "setprivCommand": "setpriv --euid $UID --egid $GID --clear-groups",
+               "statCommand": "mpirun --allow-run-as-root -np 1 --hostfile $HOSTFILE -- $SETPRIV stat --cached never -c '%F' $PATH"}),
+    );
 }
 
 struct Run {
@@ -262,28 +226,7 @@ fn main() {
     let clients = env_or("NNF_DM_BENCH_CLIENTS", 4);
     let server = TestServer::start(Config::default());
     seed(&server);
-    let port = server.port().to_string();
-    let token = server.token_file(NNF_DM);
-    let ca = server.ca_file();
-    let args = [
-        "--backend",
-        "kubernetes",
-        "--kubernetes-service-host",
-        "127.0.0.1",
-        "--kubernetes-service-port",
-        &port,
-        "--service-token-file",
-        token.to_str().unwrap(),
-        "--service-cert-file",
-        ca.to_str().unwrap(),
-        "--node-name",
-        NODE,
-        "--nnf-node-name",
-        RABBIT,
-        "--max-ops-per-user",
-        "1000000",
-    ];
-    let agent = Agent::start(&args);
+    let agent = kube_agent(&server, &["--max-ops-per-user", "1000000"]);
     let socket = agent.dir.path().join("nnf-dm.sock");
     assert!(wait_until(Duration::from_secs(10), || {
         std::os::unix::net::UnixStream::connect(&socket).is_ok()

@@ -410,10 +410,8 @@ fn no_agent_is_said_plainly() {
 
 #[test]
 fn progress_bar_on_a_terminal() {
-    if sh("command -v script").status.code() != Some(0) {
-        eprintln!("skipped: no script(1) to give the CLI a terminal");
-        return;
-    }
+    // script(1) gives the CLI a terminal.
+    require_tool("script", "util-linux (bsdutils on Debian)");
     let dir = scratch();
     let profiles = profiles_file(dir.path(), r#"[{"name":"two","command":"sleep 2"}]"#);
     let agent = Agent::start(&["--profiles", &profiles]);

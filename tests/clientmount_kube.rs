@@ -604,6 +604,7 @@ fn sample_idle(d: &Daemon, secs: u64) -> (ProcSample, ProcSample) {
 }
 
 fn print_idle(mode: &str, (a, b): (ProcSample, ProcSample), secs: u64) {
+    // SAFETY: sysconf takes a plain integer name and touches no memory of ours.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     println!(
         "| {mode} | {secs} s | {} | {} | {:.0} ms | {:.1} MiB | {} |",

@@ -17,11 +17,15 @@ const LONG: Duration = Duration::from_secs(120);
 
 /// Fails loudly when a tool the tree needs is missing (package in .ci/run).
 fn require_tools() {
-    for tool in [
-        "setfacl", "getfacl", "setfattr", "mkfs.xfs", "mkfifo", "python3",
+    for (tool, package) in [
+        ("setfacl", "acl"),
+        ("getfacl", "acl"),
+        ("setfattr", "attr"),
+        ("mkfs.xfs", "xfsprogs"),
+        ("mkfifo", "coreutils"),
+        ("python3", "python3"),
     ] {
-        let found = sh(&format!("command -v {tool}")).status.success();
-        assert!(found, "{tool} is missing: install acl, attr and xfsprogs");
+        require_tool(tool, package);
     }
 }
 

@@ -80,18 +80,11 @@ fn created(client: &mut Client, request: DataMovementCreateRequest) -> String {
     response.uid
 }
 
-// ---- a client running as another user: this test binary, re-executed ----
-
-/// Not a test of its own: the body of `as_user`, which re-runs this binary as
-/// another user (SO_PEERCRED is the identity over gRPC).
-#[test]
-fn helper_client() {
-    grpc_client::helper_main();
-}
+// ---- a client running as another user: the grpc-helper binary ----
 
 /// The helper client as a command: `user` (or root when None) runs `action`.
 fn helper_cmd(agent: &Agent, user: Option<&User>, action: &[&str]) -> Command {
-    grpc_client::helper_command("helper_client", &socket(agent), user, action)
+    grpc_client::helper_command(&socket(agent), user, action)
 }
 
 /// Runs `action` as `user` over gRPC; its `key=value` output.

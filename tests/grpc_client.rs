@@ -139,11 +139,12 @@ pub fn copy(source: &str, destination: &str) -> DataMovementCreateRequest {
     }
 }
 
-// ---- a client running as another user: a test binary, re-executed ----
+// ---- a client running as another user: the grpc-helper binary ----
 //
-// A test file that wants to connect as another user (SO_PEERCRED is the
-// identity) defines a test that calls `helper_main()` and runs itself with
-// `helper_command`. The helper does one action and prints `key=value` lines.
+// A test that wants to connect as another user (SO_PEERCRED is the
+// identity) runs the `grpc-helper` binary (bin/grpc_helper.rs, whose main
+// is `helper_main`) with `helper_command`. The helper does one action and
+// prints `key=value` lines.
 
 /// The helper's action, socket and workflow come from these variables.
 pub const HELPER_ACTION: &str = "NNF_DM_GRPC_HELPER";
@@ -151,7 +152,7 @@ pub const HELPER_SOCKET: &str = "NNF_DM_GRPC_SOCKET";
 /// `name/namespace`: the `workflow` of the Create or List message.
 pub const HELPER_WORKFLOW: &str = "NNF_DM_GRPC_WORKFLOW";
 
-/// The body of the helper test: does nothing unless `HELPER_ACTION` is set.
+/// The body of the helper: does nothing unless `HELPER_ACTION` is set.
 /// Actions (tab-separated): `create SRC DST dryrun|copy`, `status UID WAIT`,
 /// `list`, `cancel UID`, `delete UID`.
 pub fn helper_main() {
@@ -168,7 +169,8 @@ pub fn helper_main() {
         }
     });
     let mut client = Client::connect(&socket);
-    // libtest has printed `test <name> ... ` without a newline.
+    // Where a test re-ran its own binary, libtest has printed
+    // `test <name> ... ` without a newline.
     println!();
     let escape = |s: &str| s.replace('\\', "\\\\").replace('\n', "\\n");
     match args[..] {
@@ -214,23 +216,22 @@ pub fn helper_main() {
     }
 }
 
-/// Re-runs the current test binary's `test` (which calls `helper_main`) as
-/// `user` (root when None) to do `action` on `socket`. The caller's
-/// `DW_WORKFLOW_*` are not passed on; add them with `envs` if wanted.
+/// The grpc-helper binary as `user` (root when None), to do `action` on
+/// `socket`. The caller's `DW_WORKFLOW_*` are not passed on; add them with
+/// `envs` if wanted. `_test` names the test that used to be re-run for
+/// this; it is ignored.
 pub fn helper_command(
-    test: &str,
     socket: &Path,
     user: Option<&integration_tests::User>,
     action: &[&str],
 ) -> std::process::Command {
-    let exe = std::env::current_exe().unwrap();
-    let exe = exe.to_str().unwrap();
+    let exe = integration_tests::bin("grpc-helper");
+    let exe = exe.to_str().expect("UTF-8 target directory");
     let mut cmd = match user {
         Some(user) => integration_tests::as_user_cmd(user, exe),
         None => std::process::Command::new(exe),
     };
-    cmd.args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .env(HELPER_ACTION, action.join("\t"))
+    cmd.env(HELPER_ACTION, action.join("\t"))
         .env(HELPER_SOCKET, socket)
         .env_remove("DW_WORKFLOW_NAME")
         .env_remove("DW_WORKFLOW_NAMESPACE")

@@ -1365,15 +1365,6 @@ fn only_the_nnf_dm_clusterrole_is_needed_and_qps_is_limited() {
 
 // ---- the gRPC door over this backend (issue 6: "both backends behind it") ----
 
-const HELPER: &str = "grpc_helper_client";
-
-/// Not a test of its own: the body of `grpc_as`, which re-runs this binary
-/// as another user (SO_PEERCRED is the identity over gRPC).
-#[test]
-fn grpc_helper_client() {
-    grpc_client::helper_main();
-}
-
 fn grpc_socket(agent: &Agent) -> PathBuf {
     agent.dir.path().join("nnf-dm.sock")
 }
@@ -1393,7 +1384,7 @@ fn grpc_root(agent: &Agent) -> Client {
 
 /// Runs `action` over gRPC as `user` with `env`; its `key=value` output.
 fn grpc_as(agent: &Agent, user: &User, action: &[&str], env: &[(&str, &str)]) -> String {
-    let out = grpc_client::helper_command(HELPER, &grpc_socket(agent), Some(user), action)
+    let out = grpc_client::helper_command(&grpc_socket(agent), Some(user), action)
         .envs(env.iter().copied())
         .output()
         .unwrap();

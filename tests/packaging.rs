@@ -58,11 +58,6 @@ fn packaged_unit(name: &str) -> String {
     fs::read_to_string(repo().join(format!("systemd/{name}.service"))).unwrap()
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// Minimal man pages so `Documentation=man:<name>(1)` resolves; whether the
 /// real pages exist is the RPM test's business.
 fn stub_manpath(dir: &Path) -> PathBuf {
@@ -366,10 +361,7 @@ fn wired_remove_root_deletes_the_unit() {
 
 #[test]
 fn wired_install_refused_when_not_root() {
-    if !is_root() {
-        eprintln!("skipped: needs root to switch to nobody");
-        return;
-    }
+    integration_tests::require_root("it switches to nobody");
     for name in DAEMONS {
         // A world-readable copy: nobody may not be able to reach target/.
         let dir = tempfile::tempdir().unwrap();
@@ -478,10 +470,7 @@ fn wired_status_wraps_systemctl_and_keeps_its_exit_code() {
 
 #[test]
 fn wired_start_and_stop_wrap_systemctl() {
-    if !is_root() {
-        eprintln!("skipped: start/stop require root");
-        return;
-    }
+    integration_tests::require_root("start/stop refuse to run otherwise");
     for name in DAEMONS {
         let (out, log) = run_with_fake_systemctl(&bin(name), &["start"], false, 0);
         assert!(out.status.success(), "{name}: {}", both(&out));

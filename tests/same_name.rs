@@ -7,8 +7,9 @@ use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use integration_tests::kube::{kube_agent, seed_wf1, Wf1Mount};
 use integration_tests::*;
-use kube_testserver::{Config, EventType, TestServer, NNF_DM};
+use kube_testserver::{Config, EventType, TestServer};
 use serde_json::{json, Value};
 
 const LONG: Duration = Duration::from_secs(30);
@@ -197,61 +198,18 @@ fn same_name_writers_on_the_local_backend_one_wins_with_its_own_request() {
 
 // ---- the Kubernetes backend, against kube-testserver ----
 
-const NODE: &str = "compute-1";
-const RABBIT: &str = "rabbit-1";
 const DM: &str = "NnfDataMovement";
-
-fn lustre_mount(path: &str) -> Value {
-    json!({
-        "mountPath": path, "type": "lustre", "targetType": "directory",
-        "options": "", "setPermissions": false,
-        "device": {"type": "reference", "deviceReference": {
-            "objectReference": {"kind": "NnfStorage", "name": "wf1-0", "namespace": RABBIT},
-            "data": 0,
-        }},
-    })
-}
 
 /// Workflow `wf1` in PreRun with one Lustre mount on the node and the Rabbit,
 /// the default profile, and a Rabbit that finishes every copy at once.
 fn cluster() -> Arc<TestServer> {
     let server = Arc::new(TestServer::start(Config::default()));
-    server.put_object(json!({
-        "apiVersion": "dataworkflowservices.github.io/v1alpha7",
-        "kind": "Workflow",
-        "metadata": {"name": "wf1", "namespace": "default"},
-        "spec": {"desiredState": "PreRun", "dwDirectives": [], "forceReady": false,
-                 "groupID": 0, "userID": 0, "jobID": 1, "wlmID": "slurm"},
-        "status": {"state": "PreRun", "status": "Completed", "ready": true},
-    }));
-    for (ns, path) in [
-        (NODE, "/mnt/nnf/lus-0"),
-        (RABBIT, "/rabbit/lus-0/compute-1"),
-    ] {
-        server.put_object(json!({
-            "apiVersion": "dataworkflowservices.github.io/v1alpha7",
-            "kind": "ClientMount",
-            "metadata": {"name": "wf1-lus", "namespace": ns, "labels": {
-                "dataworkflowservices.github.io/workflow.name": "wf1",
-                "dataworkflowservices.github.io/workflow.namespace": "default",
-                "nnf.cray.hpe.com/directive_index": "0",
-            }},
-            "spec": {"node": ns, "desiredState": "mounted", "mounts": [lustre_mount(path)]},
-        }));
-    }
-    server.put_object(json!({
-        "apiVersion": "lus.cray.hpe.com/v1beta1",
-        "kind": "LustreFileSystem",
-        "metadata": {"name": "global", "namespace": "lus-ns"},
-        "spec": {"name": "global", "mgsNids": "10.0.0.1@tcp", "mountRoot": "/lus/global"},
-    }));
-    server.put_object(json!({
-        "apiVersion": "nnf.cray.hpe.com/v1alpha11",
-        "kind": "NnfDataMovementProfile",
-        "metadata": {"name": "default", "namespace": "nnf-system"},
-        "data": {"default": true, "command": "mpirun --hostfile $HOSTFILE dcp --uid $UID --gid $GID $SRC $DEST",
-                 "createDestDir": true, "maxSlots": 0, "slots": 8},
-    }));
+    seed_wf1(
+        &server,
+        Wf1Mount::Lustre,
+        json!({"default": true, "command": "mpirun --hostfile $HOSTFILE dcp --uid $UID --gid $GID $SRC $DEST",
+               "createDestDir": true, "maxSlots": 0, "slots": 8}),
+    );
     let weak = Arc::downgrade(&server);
     server.on_change(DM, move |change| {
         if change.event_type != EventType::Added {
@@ -268,25 +226,7 @@ fn cluster() -> Arc<TestServer> {
 #[test]
 fn same_name_writers_on_the_kubernetes_backend_one_wins_with_its_own_resource() {
     let server = cluster();
-    let port = server.port().to_string();
-    let token = server.token_file(NNF_DM);
-    let ca = server.ca_file();
-    let agent = Agent::start(&[
-        "--backend",
-        "kubernetes",
-        "--kubernetes-service-host",
-        "127.0.0.1",
-        "--kubernetes-service-port",
-        &port,
-        "--service-token-file",
-        token.to_str().unwrap(),
-        "--service-cert-file",
-        ca.to_str().unwrap(),
-        "--node-name",
-        NODE,
-        "--nnf-node-name",
-        RABBIT,
-    ]);
+    let agent = kube_agent(&server, &[]);
     let users = [user("nnfdmt1"), user("nnfdmt2")];
     let outcomes = race(agent.dir.path(), &agent.path("request"), &users, |tag| {
         format!(

@@ -12,92 +12,29 @@ use std::time::Duration;
 use dm_proto::data_movement_create_response::Status as CreateStatus;
 use dm_proto::{DataMovementCreateRequest, DataMovementWorkflow};
 use grpc_client::Client;
+use integration_tests::kube::{kube_agent, seed_wf1, Wf1Mount};
 use integration_tests::*;
-use kube_testserver::{Config, TestServer, NNF_DM};
-use serde_json::{json, Value};
+use kube_testserver::{Config, TestServer};
+use serde_json::json;
 
 const LONG: Duration = Duration::from_secs(30);
-const NODE: &str = "compute-1";
-const RABBIT: &str = "rabbit-1";
 const DM: &str = "NnfDataMovement";
 const SRC: &str = "/mnt/nnf/lus-0/ckpt/step10";
 const DST: &str = "/lus/global/me/step10";
 
 // ---- the Kubernetes backend ----
 
-fn lustre_mount(path: &str) -> Value {
-    json!({
-        "mountPath": path, "type": "lustre", "targetType": "directory",
-        "options": "", "setPermissions": false,
-        "device": {"type": "reference", "deviceReference": {
-            "objectReference": {"kind": "NnfStorage", "name": "wf1-0", "namespace": RABBIT},
-            "data": 0,
-        }},
-    })
-}
-
-/// Workflow `wf1` in PreRun/Completed with one Lustre mount on the compute
-/// node and on the Rabbit, the global file system and a default profile.
+/// Workflow `wf1` on Lustre ([`seed_wf1`]) with the upstream chart's default profile.
 fn cluster() -> TestServer {
     let server = TestServer::start(Config::default());
-    server.put_object(json!({
-        "apiVersion": "dataworkflowservices.github.io/v1alpha7",
-        "kind": "Workflow",
-        "metadata": {"name": "wf1", "namespace": "default"},
-        "spec": {"desiredState": "PreRun", "dwDirectives": [], "forceReady": false,
-                 "groupID": 0, "userID": 0, "jobID": 1, "wlmID": "slurm"},
-        "status": {"state": "PreRun", "status": "Completed", "ready": true},
-    }));
-    for (ns, path) in [
-        (NODE, "/mnt/nnf/lus-0"),
-        (RABBIT, "/rabbit/lus-0/compute-1"),
-    ] {
-        server.put_object(json!({
-            "apiVersion": "dataworkflowservices.github.io/v1alpha7",
-            "kind": "ClientMount",
-            "metadata": {"name": "wf1-lus", "namespace": ns, "labels": {
-                "dataworkflowservices.github.io/workflow.name": "wf1",
-                "dataworkflowservices.github.io/workflow.namespace": "default",
-                "nnf.cray.hpe.com/directive_index": "0",
-            }},
-            "spec": {"node": ns, "desiredState": "mounted", "mounts": [lustre_mount(path)]},
-        }));
-    }
-    server.put_object(json!({
-        "apiVersion": "lus.cray.hpe.com/v1beta1",
-        "kind": "LustreFileSystem",
-        "metadata": {"name": "global", "namespace": "lus-ns"},
-        "spec": {"name": "global", "mgsNids": "10.0.0.1@tcp", "mountRoot": "/lus/global"},
-    }));
-    server.put_object(json!({
-        "apiVersion": "nnf.cray.hpe.com/v1alpha11",
-        "kind": "NnfDataMovementProfile",
-        "metadata": {"name": "default", "namespace": "nnf-system"},
-        "data": {"default": true,
-                 "command": "mpirun --allow-run-as-root --hostfile $HOSTFILE dcp --progress 1 --uid $UID --gid $GID $SRC $DEST",
-                 "createDestDir": true, "maxSlots": 0, "slots": 8},
-    }));
+    seed_wf1(
+        &server,
+        Wf1Mount::Lustre,
+        json!({"default": true,
+               "command": "mpirun --allow-run-as-root --hostfile $HOSTFILE dcp --progress 1 --uid $UID --gid $GID $SRC $DEST",
+               "createDestDir": true, "maxSlots": 0, "slots": 8}),
+    );
     server
-}
-
-fn kube_agent(server: &TestServer) -> Agent {
-    let port = server.port().to_string();
-    Agent::start(&[
-        "--backend",
-        "kubernetes",
-        "--kubernetes-service-host",
-        "127.0.0.1",
-        "--kubernetes-service-port",
-        &port,
-        "--service-token-file",
-        server.token_file(NNF_DM).to_str().unwrap(),
-        "--service-cert-file",
-        server.ca_file().to_str().unwrap(),
-        "--node-name",
-        NODE,
-        "--nnf-node-name",
-        RABBIT,
-    ])
 }
 
 /// `value` in the request grammar: double-quoted with its escapes.
@@ -268,7 +205,7 @@ fn refused_paths() -> Vec<(&'static str, String, String, String)> {
 #[test]
 fn kube_backend_refuses_shell_text_through_the_control_filesystem() {
     let server = cluster();
-    let agent = kube_agent(&server);
+    let agent = kube_agent(&server, &[]);
     let u = user("nnfdmt1");
     let base = format!("workflow=wf1 namespace=default source={SRC} destination={DST}");
     let mut requests = Vec::new();
@@ -355,7 +292,7 @@ fn kube_backend_refuses_shell_text_through_the_control_filesystem() {
 #[test]
 fn kube_backend_refuses_shell_text_through_the_grpc_door() {
     let server = cluster();
-    let agent = kube_agent(&server);
+    let agent = kube_agent(&server, &[]);
     let mut client = grpc_root(&agent);
     let check = |client: &mut Client, request: DataMovementCreateRequest, key: &str, what: &str| {
         let case = format!("{request:?}");

@@ -13,6 +13,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use daemon_common::logging::{Logging, TimeFormat};
+use daemon_common::signals::{self, Blocked, Signal};
+
 use crate::agent::{self, Agent, AgentConfig, Events, Notify};
 use crate::flags::{BackendKind, LogFormat, RunArgs};
 use crate::kube;
@@ -53,12 +56,12 @@ impl From<&str> for Error {
     }
 }
 
-const SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+const SIGNALS: [Signal; 3] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP];
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(args: RunArgs) -> Result<(), Error> {
     // First of all: every thread started from here on inherits the mask.
-    let signals = sys_signals::block(&SIGNALS);
+    let signals = signals::block(&SIGNALS);
     init_logging(args.log_format);
     install_panic_abort();
     if args.mountpoint.as_os_str().is_empty() && args.socket.as_os_str().is_empty() {
@@ -154,7 +157,7 @@ impl Core {
 }
 
 /// `--simulated`: the same doors, every request completed at once.
-fn run_simulated(mut core: Core, args: &RunArgs, signals: &libc::sigset_t) -> Result<(), Error> {
+fn run_simulated(mut core: Core, args: &RunArgs, signals: &Blocked) -> Result<(), Error> {
     if let Some(flag) = args.kube.given().first() {
         tracing::info!(flag, "simulated: Kubernetes settings are not used");
     }
@@ -185,7 +188,7 @@ fn start_retention(agent: &Arc<Agent>, retention: Duration) -> Result<(), Error>
         .map_err(|e| Error::with("cannot start the retention thread", e))
 }
 
-fn run_local(mut core: Core, args: &RunArgs, signals: &libc::sigset_t) -> Result<(), Error> {
+fn run_local(mut core: Core, args: &RunArgs, signals: &Blocked) -> Result<(), Error> {
     let profiles = match &args.profiles {
         Some(path) => Profiles::load(path).map_err(|e| Error::with("cannot use --profiles", e))?,
         None => Profiles::builtin(),
@@ -226,7 +229,7 @@ fn run_local(mut core: Core, args: &RunArgs, signals: &libc::sigset_t) -> Result
 
 /// The Kubernetes backend: connect (startup checks, exit 1 on failure), list
 /// what this node created, then serve the same doors as the local backend.
-fn run_kube(mut core: Core, args: &RunArgs, signals: &libc::sigset_t) -> Result<(), Error> {
+fn run_kube(mut core: Core, args: &RunArgs, signals: &Blocked) -> Result<(), Error> {
     let k = &args.kube;
     let settings = kube::KubeSettings {
         connection: kube_connect::Connection {
@@ -254,15 +257,14 @@ fn run_kube(mut core: Core, args: &RunArgs, signals: &libc::sigset_t) -> Result<
 }
 
 fn init_logging(format: LogFormat) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("NNF_DM_LOG").unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.with_ansi(false).init(),
-        LogFormat::Json => builder.json().init(),
+    Logging {
+        filter_env: "NNF_DM_LOG",
+        default_filter: "info",
+        format,
+        time: TimeFormat::Default,
+        target: true,
     }
+    .init();
 }
 
 /// A panic on any thread takes the agent down (after one log line), so that
@@ -359,7 +361,7 @@ fn serve(
     args: &RunArgs,
     backend: &str,
     restored: usize,
-    signals: &libc::sigset_t,
+    signals: &Blocked,
     extra: impl FnOnce(&Arc<Agent>) -> Result<(), Error>,
 ) -> Result<(), Error> {
     // Both doors open before either is announced: the socket first, so a
@@ -388,8 +390,9 @@ fn serve(
     let extra = extra(agent);
     if extra.is_ok() {
         loop {
-            let signal = sys_signals::wait(signals);
-            if signal == libc::SIGHUP {
+            let taken = signals.wait();
+            let signal = taken as libc::c_int;
+            if taken == Signal::SIGHUP {
                 tracing::info!(
                     signal,
                     "SIGHUP ignored (the log is stderr: nothing to reopen)"
@@ -406,28 +409,4 @@ fn serve(
             .map_err(|e| Error::with(format!("cannot unmount {}", args.mountpoint.display()), e))?;
     }
     extra
-}
-
-mod sys_signals {
-    /// Blocks `signals` in the calling thread (and every thread it starts).
-    pub fn block(signals: &[libc::c_int]) -> libc::sigset_t {
-        // SAFETY: sigset manipulation on a local, zero-initialised set.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            for s in signals {
-                libc::sigaddset(&mut set, *s);
-            }
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            set
-        }
-    }
-
-    /// Waits for one of the blocked signals.
-    pub fn wait(set: &libc::sigset_t) -> libc::c_int {
-        let mut signal = 0;
-        // SAFETY: `set` was initialised by `block`.
-        unsafe { libc::sigwait(set, &mut signal) };
-        signal
-    }
 }

@@ -52,11 +52,7 @@ pub enum BackendKind {
     Kubernetes,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use daemon_common::logging::LogFormat;
 
 #[derive(Args, Debug)]
 pub struct RunArgs {

@@ -62,9 +62,7 @@ pub fn run(cmdline: &str, timeout: Option<Duration>) -> Result<Output, ExecError
     // sigwait); a child must not inherit that mask.
     unsafe {
         command.pre_exec(|| {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            daemon_common::signals::unblock_all();
             Ok(())
         });
     }

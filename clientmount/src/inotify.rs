@@ -30,6 +30,7 @@ impl Watch {
         if raw < 0 {
             return Err(io::Error::last_os_error());
         }
+        // SAFETY: `raw` was just returned by inotify_init1 and nothing else owns it.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let c = CString::new(dir.as_os_str().as_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;

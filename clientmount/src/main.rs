@@ -28,7 +28,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use logging::{init_logging, LogFormat, TimeFormat};
+use daemon_common::logging::{LogFormat, TimeFormat};
+use logging::init_logging;
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
@@ -223,51 +224,14 @@ fn double_dash(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
         .collect()
 }
 
-/// `30s`, `1m`, `1m30s`, `500ms`, `2h`; a bare number is seconds.
+/// `30s`, `1m`, `1m30s`, `500ms`, `2h`, `1d`; a bare number is seconds.
+/// Zero is refused (except a bare `0`, as before the grammar was shared).
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if let Ok(secs) = text.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = text;
-    if rest.is_empty() {
-        return Err("empty duration".into());
-    }
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(format!(
-                "invalid duration {text:?} (use e.g. 30s, 1m, 1m30s)"
-            ));
-        }
-        let n: u64 = rest[..digits]
-            .parse()
-            .map_err(|e| format!("{text:?}: {e}"))?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            other => {
-                return Err(format!(
-                    "invalid unit {other:?} in duration {text:?} (use ms, s, m, h)"
-                ))
-            }
-        };
-        total += unit;
-        rest = &rest[unit_len..];
-    }
-    if total.is_zero() {
+    let d = daemon_common::time::parse_duration(text)?;
+    if d.is_zero() && text.trim().parse::<u64>().is_err() {
         return Err("duration must be positive".into());
     }
-    Ok(total)
+    Ok(d)
 }
 
 /// glibc gives every thread that mallocs its own arena and keeps the

@@ -15,8 +15,8 @@ use std::sync::atomic::AtomicBool;
 use copy_engine::{copy, Options, Progress, Report};
 
 fn require_root() {
-    // SAFETY: always succeeds.
     assert_eq!(
+        // SAFETY: geteuid has no preconditions and always succeeds.
         unsafe { libc::geteuid() },
         0,
         "these tests need root (trusted.* xattrs, chown, mknod, mount)"

@@ -1,3 +1,6 @@
 //! What both compute-node daemons (nnf-dm and clientmountd) share.
 
+pub mod logging;
 pub mod metrics_http;
+pub mod signals;
+pub mod time;

@@ -9,6 +9,12 @@
 //! `--root DIR` is ours: it writes under `DIR` and runs no `systemctl`, so the
 //! result can be checked without touching the machine's systemd.
 
+mod docs;
+mod unit;
+
+pub use docs::write_docs;
+pub use unit::{render_unit, systemd_quote};
+
 use std::ffi::OsString;
 use std::fmt;
 use std::fs;
@@ -414,72 +420,6 @@ fn remove(spec: &ServiceSpec, root: Option<&Path>) -> Result<(), ServiceError> {
     Ok(())
 }
 
-/// The unit text: `template` with its `ExecStart=` line replaced by the
-/// program and `flags`, each quoted for systemd only where needed.
-pub fn render_unit(template: &str, exe: &str, flags: &[String]) -> String {
-    let mut exec = String::from("ExecStart=");
-    exec.push_str(&systemd_quote(exe));
-    for f in flags {
-        exec.push(' ');
-        exec.push_str(&systemd_quote(f));
-    }
-    let mut out = String::with_capacity(template.len() + exec.len());
-    let mut replaced = false;
-    for line in template.split_inclusive('\n') {
-        if !replaced && line.starts_with("ExecStart=") {
-            out.push_str(&exec);
-            if line.ends_with('\n') {
-                out.push('\n');
-            }
-            replaced = true;
-        } else {
-            out.push_str(line);
-        }
-    }
-    // The templates are ours and tested to hold exactly one ExecStart= line.
-    assert!(replaced, "unit template has no ExecStart= line");
-    out
-}
-
-/// Quote one ExecStart word per systemd.service(5) "Command lines":
-/// words split on whitespace, `"..."`/`'...'` group a whole word, C escapes
-/// are processed, `%` starts a specifier and `$` a variable everywhere.
-/// Plain words (the usual `--flag=value`) are returned untouched.
-pub fn systemd_quote(word: &str) -> String {
-    // `%` and `$` are expanded even inside quotes; doubling is the only escape.
-    let escaped = word.replace('%', "%%").replace('$', "$$");
-    let needs_quotes = escaped.is_empty()
-        // A lone ";" used to separate commands.
-        || escaped == ";"
-        || escaped
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '\'' | '\\'));
-    if !needs_quotes {
-        return escaped;
-    }
-    let mut out = String::with_capacity(escaped.len() + 2);
-    out.push('"');
-    for c in escaped.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            c if c.is_control() => {
-                // Any other control byte: \xNN keeps the unit on one line.
-                let mut buf = [0u8; 4];
-                for b in c.encode_utf8(&mut buf).bytes() {
-                    out.push_str(&format!("\\x{b:02x}"));
-                }
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
 fn is_active(spec: &ServiceSpec) -> Result<bool, ServiceError> {
     // `is-active` exits 0 only for "active"; anything else (inactive,
     // failed, unknown unit) counts as not running, as in upstream.
@@ -510,52 +450,6 @@ fn quiet_systemctl(args: &[&str]) -> Result<i32, ServiceError> {
         .output()
         .map_err(|e| ServiceError::io("running systemctl", e))?;
     Ok(out.status.code().unwrap_or(1))
-}
-
-/// Man pages (one per visible subcommand, `<bin>-<sub>.1`) into
-/// `out_dir/man1/`, and completions into `out_dir/bash/<bin>`,
-/// `out_dir/zsh/_<bin>` and `out_dir/fish/<bin>.fish` — the file names the
-/// RPM installs them under.
-pub fn write_docs(cmd: clap::Command, out_dir: &Path) -> io::Result<()> {
-    use clap_complete::Shell;
-
-    let name = cmd.get_name().to_string();
-    let man = out_dir.join("man1");
-    fs::create_dir_all(&man)?;
-    // Our own walk instead of clap_mangen::generate_to, to stamp every page
-    // (not only the top one) with the program's version.
-    let source = match cmd.get_version() {
-        Some(v) => format!("{name} {v}"),
-        None => name.clone(),
-    };
-    let mut root = cmd.clone().disable_help_subcommand(true);
-    root.build();
-    write_man_pages(&root, &source, &man)?;
-
-    for (shell, dir, file) in [
-        (Shell::Bash, "bash", name.clone()),
-        (Shell::Zsh, "zsh", format!("_{name}")),
-        (Shell::Fish, "fish", format!("{name}.fish")),
-    ] {
-        let dir = out_dir.join(dir);
-        fs::create_dir_all(&dir)?;
-        let mut buf = Vec::new();
-        clap_complete::generate(shell, &mut cmd.clone(), name.as_str(), &mut buf);
-        fs::write(dir.join(file), buf)?;
-    }
-    Ok(())
-}
-
-/// `cmd`'s page and, recursively, one per visible subcommand; after
-/// `build()` their names are `<bin>-<sub>`, which is the page file name.
-fn write_man_pages(cmd: &clap::Command, source: &str, dir: &Path) -> io::Result<()> {
-    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
-        write_man_pages(sub, source, dir)?;
-    }
-    clap_mangen::Man::new(cmd.clone())
-        .source(source.to_string())
-        .generate_to(dir)?;
-    Ok(())
 }
 
 #[cfg(test)]

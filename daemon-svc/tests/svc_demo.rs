@@ -184,10 +184,10 @@ fn remove_root_deletes_then_reports_not_installed() {
 /// Run the demo as `nobody` with no `--root`: refused before touching /etc.
 #[test]
 fn install_and_remove_refused_when_not_root() {
-    if !is_root() {
-        eprintln!("skipped: needs root to switch to nobody");
-        return;
-    }
+    assert!(
+        is_root(),
+        "this test must run as root: it switches to nobody"
+    );
     // nobody must be able to reach the binary; the target dir may be private.
     let dir = tempfile::tempdir().unwrap();
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
@@ -293,10 +293,10 @@ exit 0
 
 #[test]
 fn start_stop_status_wrap_systemctl() {
-    if !is_root() {
-        eprintln!("skipped: start/stop require root");
-        return;
-    }
+    assert!(
+        is_root(),
+        "this test must run as root: start/stop refuse to run otherwise"
+    );
     let fake = FakeSystemctl::new();
 
     let (out, log) = fake.run(&["start"], false, 0);
@@ -335,10 +335,11 @@ fn start_stop_status_wrap_systemctl() {
 
 #[test]
 fn remove_without_root_option_needs_the_system_unit() {
-    if !is_root() || Path::new("/etc/systemd/system/nnf-dm.service").exists() {
-        eprintln!("skipped: needs root and no nnf-dm installed on this machine");
-        return;
-    }
+    assert!(is_root(), "this test must run as root");
+    assert!(
+        !Path::new("/etc/systemd/system/nnf-dm.service").exists(),
+        "/etc/systemd/system/nnf-dm.service exists: this test needs a machine without nnf-dm installed"
+    );
     let fake = FakeSystemctl::new();
     let (out, log) = fake.run(&["remove"], false, 0);
     assert_eq!(out.status.code(), Some(1));

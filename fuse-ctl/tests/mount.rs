@@ -1068,30 +1068,8 @@ fn removal_releases_blocked_readers() {
 // Stale mounts
 // ---------------------------------------------------------------------------
 
-const HELPER_ENV: &str = "FUSE_CTL_TEST_HELPER_MOUNT";
+/// What tests/helpers/mount_and_sleep.rs prints once it has mounted.
 const HELPER_READY: &str = "FUSE-CTL-HELPER-MOUNTED";
-
-/// Not a test: the child mode of `clean_stale_mount_detaches_a_dead_mount`.
-/// Mounts at `$FUSE_CTL_TEST_HELPER_MOUNT` and sleeps until killed.
-#[test]
-fn helper_mount_and_sleep() {
-    let Some(mnt) = std::env::var_os(HELPER_ENV) else {
-        return;
-    };
-    let fs = ControlFs::new(Owner::root(0o755));
-    fs.add_file(
-        NodeId::ROOT,
-        "snap",
-        Owner::root(0o444),
-        FileKind::Snapshot,
-        Arc::new(Snap(Arc::default())),
-    )
-    .unwrap();
-    let _mounted = fs.mount(Path::new(&mnt), "fuse-ctl-helper").unwrap();
-    println!("\n{HELPER_READY}");
-    // Bounded, should the parent die without killing us.
-    std::thread::sleep(Duration::from_secs(20));
-}
 
 /// The helper child; killed, reaped and its mount detached on drop.
 struct Helper {
@@ -1136,17 +1114,11 @@ fn clean_stale_mount_detaches_a_dead_mount() {
     assert!(!clean_stale_mount(&mnt).unwrap());
     assert!(!clean_stale_mount(&dir.path().join("missing")).unwrap());
 
-    let mut c = Command::new(std::env::current_exe().unwrap());
-    c.args([
-        "helper_mount_and_sleep",
-        "--exact",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(HELPER_ENV, &mnt)
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null());
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fuse-ctl-test-mount"));
+    c.arg(&mnt)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
     let mut helper = Helper {
         proc: Proc::spawn(c),
         mnt: mnt.clone(),

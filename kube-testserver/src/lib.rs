@@ -19,23 +19,26 @@
 //! faults) so that a later envtest mode can back the non-fault parts with a
 //! real kube-apiserver.
 
+mod config;
 mod crd;
 mod http;
 mod patch;
+mod pki;
 mod rbac;
 mod schema;
 mod selector;
 mod store;
 mod util;
 
+pub use config::{AccountSpec, Config};
 pub use util::ApiError;
 
+use pki::make_pki;
 use rbac::Account;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::Value;
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -47,90 +50,6 @@ pub const ADMIN: &str = "admin";
 pub const NNF_DM: &str = "nnf-dm-daemon";
 /// Handle of clientmountd's service account `nnf-system/nnf-clientmount`.
 pub const CLIENTMOUNT: &str = "nnf-clientmount";
-
-/// A user the server accepts, with its bearer token.
-#[derive(Debug, Clone)]
-pub struct AccountSpec {
-    /// Handle for [`TestServer::token_file`] and request-log records.
-    pub id: String,
-    /// User name as RBAC reports it.
-    pub user: String,
-    /// ClusterRole JSON bound to the user cluster-wide; `None` = admin.
-    pub cluster_role: Option<PathBuf>,
-}
-
-/// Server configuration. [`Config::default`] loads the CRDs and roles of the
-/// `api/` directory and creates the admin and the two daemon accounts.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// Holds `crds/*.json` and `rbac/*.json`.
-    pub api_dir: PathBuf,
-    pub accounts: Vec<AccountSpec>,
-    /// Watch events kept for resuming from a resourceVersion; older ones
-    /// answer `410 Gone`.
-    pub history_limit: usize,
-    /// How often a watch with `allowWatchBookmarks` gets a BOOKMARK (the real
-    /// server: about a minute; shorter here so tests see them).
-    pub bookmark_interval: Duration,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        let api_dir = Self::api_dir_default();
-        let role = |f: &str| Some(api_dir.join("rbac").join(f));
-        Config {
-            accounts: vec![
-                AccountSpec {
-                    id: ADMIN.into(),
-                    user: "kubernetes-admin".into(),
-                    cluster_role: None,
-                },
-                AccountSpec {
-                    id: NNF_DM.into(),
-                    user: "system:serviceaccount:nnf-dm-system:nnf-dm-daemon".into(),
-                    cluster_role: role("nnf-dm-daemon-clusterrole.json"),
-                },
-                AccountSpec {
-                    id: CLIENTMOUNT.into(),
-                    user: "system:serviceaccount:nnf-system:nnf-clientmount".into(),
-                    cluster_role: role("clientmount-clusterrole.json"),
-                },
-            ],
-            api_dir,
-            history_limit: 1000,
-            bookmark_interval: Duration::from_secs(5),
-        }
-    }
-}
-
-impl Config {
-    /// The CRDs and ClusterRoles kept in this crate (`api/`, copied from
-    /// the NNF/DWS releases; see its README).
-    pub fn api_dir_default() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("api")
-    }
-
-    pub fn history_limit(mut self, n: usize) -> Self {
-        self.history_limit = n.max(1);
-        self
-    }
-
-    pub fn bookmark_interval(mut self, d: Duration) -> Self {
-        self.bookmark_interval = d;
-        self
-    }
-
-    /// Adds (or replaces) an account.
-    pub fn account(mut self, id: &str, user: &str, cluster_role: Option<PathBuf>) -> Self {
-        self.accounts.retain(|a| a.id != id);
-        self.accounts.push(AccountSpec {
-            id: id.into(),
-            user: user.into(),
-            cluster_role,
-        });
-        self
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventType {
@@ -192,53 +111,6 @@ pub struct TestServer {
     ca_der: Vec<u8>,
     shutdown: tokio::sync::watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
-}
-
-struct Pki {
-    ca_pem: String,
-    ca_der: Vec<u8>,
-    cert_chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-}
-
-fn make_pki() -> Result<Pki, rcgen::Error> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose,
-    };
-    let ca_key = KeyPair::generate()?;
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "kube-testserver-ca");
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = ca.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate()?;
-    let mut srv = CertificateParams::new(vec![
-        "127.0.0.1".to_string(),
-        "localhost".to_string(),
-        "kubernetes".to_string(),
-        "kubernetes.default.svc".to_string(),
-    ])?;
-    srv.distinguished_name
-        .push(DnType::CommonName, "kube-apiserver");
-    srv.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    srv.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    let srv_cert = srv.signed_by(&key, &issuer)?;
-    Ok(Pki {
-        ca_pem: ca_cert.pem(),
-        ca_der: ca_cert.der().to_vec(),
-        cert_chain: vec![srv_cert.der().clone()],
-        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -1,23 +1,10 @@
-//! JSON merge patch (RFC 7386) and JSON patch (RFC 6902).
+//! JSON merge patch (RFC 7386) and JSON patch (RFC 6902), by the
+//! `json-patch` crate (what kube's own `Patch::Json` is built on).
 
 use serde_json::Value;
 
 pub(crate) fn merge_patch(target: &mut Value, patch: &Value) {
-    let Value::Object(p) = patch else {
-        *target = patch.clone();
-        return;
-    };
-    if !target.is_object() {
-        *target = Value::Object(Default::default());
-    }
-    let t = target.as_object_mut().expect("made an object");
-    for (k, v) in p {
-        if v.is_null() {
-            t.remove(k);
-        } else {
-            merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
-        }
-    }
+    ::json_patch::merge(target, patch);
 }
 
 /// Why a JSON patch failed: the real server answers a malformed document
@@ -28,153 +15,16 @@ pub(crate) enum PatchError {
     Failed(String),
 }
 
-fn unescape(tok: &str) -> String {
-    tok.replace("~1", "/").replace("~0", "~")
-}
-
-fn split_pointer(path: &str) -> Result<Vec<String>, PatchError> {
-    if path.is_empty() {
-        return Ok(Vec::new());
-    }
-    let rest = path
-        .strip_prefix('/')
-        .ok_or_else(|| PatchError::Malformed(format!("invalid JSON pointer {path:?}")))?;
-    Ok(rest.split('/').map(unescape).collect())
-}
-
-fn array_index(tok: &str, len: usize, allow_end: bool) -> Result<usize, PatchError> {
-    if allow_end && tok == "-" {
-        return Ok(len);
-    }
-    let ok = !tok.is_empty()
-        && tok.bytes().all(|b| b.is_ascii_digit())
-        && (tok == "0" || !tok.starts_with('0'));
-    let i: usize = tok
-        .parse()
-        .ok()
-        .filter(|_| ok)
-        .ok_or_else(|| PatchError::Failed(format!("invalid array index {tok:?}")))?;
-    let max = if allow_end {
-        len
-    } else {
-        len.saturating_sub(1)
-    };
-    if i > max || (!allow_end && len == 0) {
-        return Err(PatchError::Failed(format!("array index {i} out of bounds")));
-    }
-    Ok(i)
-}
-
-fn get_mut<'a>(doc: &'a mut Value, toks: &[String]) -> Result<&'a mut Value, PatchError> {
-    let mut cur = doc;
-    for t in toks {
-        cur = match cur {
-            Value::Object(m) => m
-                .get_mut(t)
-                .ok_or_else(|| PatchError::Failed(format!("path element {t:?} not found")))?,
-            Value::Array(a) => {
-                let i = array_index(t, a.len(), false)?;
-                &mut a[i]
-            }
-            _ => return Err(PatchError::Failed(format!("path element {t:?} not found"))),
-        };
-    }
-    Ok(cur)
-}
-
-fn add(doc: &mut Value, toks: &[String], v: Value) -> Result<(), PatchError> {
-    let Some((last, parent)) = toks.split_last() else {
-        *doc = v;
-        return Ok(());
-    };
-    match get_mut(doc, parent)? {
-        Value::Object(m) => {
-            m.insert(last.clone(), v);
-        }
-        Value::Array(a) => {
-            let i = array_index(last, a.len(), true)?;
-            a.insert(i, v);
-        }
-        _ => {
-            return Err(PatchError::Failed(format!(
-                "cannot add at {last:?}: parent is not a container"
-            )))
-        }
-    }
-    Ok(())
-}
-
-fn remove(doc: &mut Value, toks: &[String]) -> Result<Value, PatchError> {
-    let Some((last, parent)) = toks.split_last() else {
-        return Err(PatchError::Failed(
-            "cannot remove the whole document".into(),
-        ));
-    };
-    match get_mut(doc, parent)? {
-        Value::Object(m) => m
-            .remove(last)
-            .ok_or_else(|| PatchError::Failed(format!("path element {last:?} not found"))),
-        Value::Array(a) => {
-            let i = array_index(last, a.len(), false)?;
-            Ok(a.remove(i))
-        }
-        _ => Err(PatchError::Failed(format!(
-            "path element {last:?} not found"
-        ))),
-    }
-}
-
+/// Applies `ops` to `doc`, all or nothing.
 pub(crate) fn json_patch(doc: &mut Value, ops: &Value) -> Result<(), PatchError> {
-    let ops = ops.as_array().ok_or_else(|| {
-        PatchError::Malformed("a JSON patch must be an array of operations".into())
-    })?;
-    for op in ops {
-        let name = op["op"]
-            .as_str()
-            .ok_or_else(|| PatchError::Malformed("operation without \"op\"".into()))?;
-        let path = op["path"]
-            .as_str()
-            .ok_or_else(|| PatchError::Malformed(format!("{name} operation without \"path\"")))?;
-        let toks = split_pointer(path)?;
-        let value = || {
-            op.get("value")
-                .cloned()
-                .ok_or_else(|| PatchError::Malformed(format!("{name} operation without \"value\"")))
-        };
-        let from = || {
-            op["from"]
-                .as_str()
-                .ok_or_else(|| PatchError::Malformed(format!("{name} operation without \"from\"")))
-                .and_then(split_pointer)
-        };
-        match name {
-            "add" => add(doc, &toks, value()?)?,
-            "remove" => {
-                remove(doc, &toks)?;
-            }
-            "replace" => {
-                let v = value()?;
-                *get_mut(doc, &toks)? = v;
-            }
-            "move" => {
-                let f = from()?;
-                let v = remove(doc, &f)?;
-                add(doc, &toks, v)?;
-            }
-            "copy" => {
-                let v = get_mut(doc, &from()?)?.clone();
-                add(doc, &toks, v)?;
-            }
-            "test" => {
-                let want = value()?;
-                if *get_mut(doc, &toks)? != want {
-                    return Err(PatchError::Failed(format!("testing value {path} failed")));
-                }
-            }
-            other => return Err(PatchError::Malformed(format!("unexpected op {other:?}"))),
-        }
+    if !ops.is_array() {
+        return Err(PatchError::Malformed(
+            "a JSON patch must be an array of operations".into(),
+        ));
     }
-    Ok(())
+    let ops: ::json_patch::Patch = serde_json::from_value(ops.clone())
+        .map_err(|e| PatchError::Malformed(format!("invalid JSON patch: {e}")))?;
+    ::json_patch::patch(doc, &ops).map_err(|e| PatchError::Failed(e.to_string()))
 }
 
 #[cfg(test)]

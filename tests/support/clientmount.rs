@@ -370,6 +370,7 @@ impl Daemon {
     /// SIGTERM, then wait for the exit (killed after 30 s).
     pub fn stop(&mut self) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
+        // SAFETY: kill takes plain integers; the pid is our own child, not yet reaped.
         unsafe {
             libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
         }

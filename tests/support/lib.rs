@@ -24,6 +24,23 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Fails the test, naming `tool` and the package that brings it, when the
+/// tool is not on PATH: a missing tool is never a silent pass.
+pub fn require_tool(tool: &str, package: &str) {
+    let found = Command::new("sh")
+        .args(["-c", "command -v \"$1\" >/dev/null", "sh", tool])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(found, "{tool} is missing: install {package}");
+}
+
+/// Fails the test unless it runs as root (`why` says what needs it).
+pub fn require_root(why: &str) {
+    // SAFETY: geteuid has no preconditions and always succeeds.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "this test must run as root: {why}");
+}
+
 /// A scratch directory every test user can enter, removed on drop.
 pub fn scratch() -> tempfile::TempDir {
     let dir = tempfile::Builder::new()
@@ -327,6 +344,7 @@ pub fn python(script: &str) -> Output {
         .expect("run python3")
 }
 pub mod clientmount;
+pub mod kube;
 pub mod python_grpc;
 
 /// Creates an executable file through another process. Writing it from this

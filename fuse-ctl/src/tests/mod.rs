@@ -186,6 +186,18 @@ impl T {
             .unwrap()
     }
 
+    /// Command file `cmd` in the root, opened: its handler and descriptor.
+    fn open_command(&self) -> (Arc<Keep>, u64) {
+        let keep = Arc::new(Keep::default());
+        let cmd = self.file(NodeId::ROOT, "cmd", FileKind::Command, keep.clone());
+        (keep, self.open(cmd))
+    }
+
+    /// A file `name` of `kind` in the root, served by a fresh `O`.
+    fn root_file<O: FileOps + Default>(&self, name: &str, kind: FileKind) -> NodeId {
+        self.file(NodeId::ROOT, name, kind, Arc::new(O::default()))
+    }
+
     fn dir(&self, parent: NodeId, name: &str, owner: Owner) -> NodeId {
         self.core.add(parent, name, owner, NodeKind::dir()).unwrap()
     }

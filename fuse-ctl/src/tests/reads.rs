@@ -81,12 +81,7 @@ fn a_change_notice_looks_only_at_the_handles_of_the_changed_nodes() {
 #[test]
 fn a_command_file_polls_readable_and_writable() {
     let t = T::new();
-    let cmd = t.file(
-        NodeId::ROOT,
-        "cmd",
-        FileKind::Command,
-        Arc::new(Keep::default()),
-    );
+    let cmd = t.root_file::<Keep>("cmd", FileKind::Command);
     let fh = t.open(cmd);
     let all = Events {
         readable: true,
@@ -129,12 +124,7 @@ fn a_blocking_read_waits_until_a_change_finds_content() {
 #[test]
 fn a_blocking_read_under_o_nonblock_is_eagain() {
     let t = T::new();
-    let block = t.file(
-        NodeId::ROOT,
-        "block",
-        FileKind::Blocking,
-        Arc::new(Gate::default()),
-    );
+    let block = t.root_file::<Gate>("block", FileKind::Blocking);
     let fh = t.core.open(&ROOT, block, true).unwrap();
     assert_eq!(t.read(fh, 0).get(), err(Errno::EAGAIN));
     // O_NONBLOCK set after open, seen on the read itself.
@@ -223,12 +213,7 @@ fn a_slow_handler_does_not_hold_up_other_descriptors() {
         go: Mutex::new(go_rx),
     };
     let slow = t.file(NodeId::ROOT, "slow", FileKind::Snapshot, Arc::new(slow));
-    let fast = t.file(
-        NodeId::ROOT,
-        "fast",
-        FileKind::Snapshot,
-        Arc::new(Value::default()),
-    );
+    let fast = t.root_file::<Value>("fast", FileKind::Snapshot);
     let slow_fh = t.open(slow);
     let fast_fh = t.open(fast);
     let reader = {

@@ -54,12 +54,7 @@ fn a_private_node_exists_only_for_its_owner_and_root() {
 #[test]
 fn adding_refuses_taken_names_and_non_directories() {
     let t = T::new();
-    let file = t.file(
-        NodeId::ROOT,
-        "f",
-        FileKind::Snapshot,
-        Arc::new(Value::default()),
-    );
+    let file = t.root_file::<Value>("f", FileKind::Snapshot);
     let add = |parent, name: &str| {
         t.core
             .add(parent, name, Owner::root(0o755), NodeKind::dir())
@@ -79,18 +74,8 @@ fn adding_refuses_taken_names_and_non_directories() {
 #[test]
 fn setattr_accepts_only_truncating_a_command_file() {
     let t = T::new();
-    let cmd = t.file(
-        NodeId::ROOT,
-        "cmd",
-        FileKind::Command,
-        Arc::new(Keep::default()),
-    );
-    let snap = t.file(
-        NodeId::ROOT,
-        "snap",
-        FileKind::Snapshot,
-        Arc::new(Value::default()),
-    );
+    let cmd = t.root_file::<Keep>("cmd", FileKind::Command);
+    let snap = t.root_file::<Value>("snap", FileKind::Snapshot);
     assert_eq!(t.core.setattr(cmd, true).unwrap().ino, cmd);
     assert_eq!(t.core.setattr(cmd, false).unwrap_err(), Errno::EPERM);
     assert_eq!(t.core.setattr(snap, true).unwrap_err(), Errno::EPERM);
@@ -109,12 +94,7 @@ fn rmdir_goes_through_the_hook() {
     let t = T::new();
     let gone = t.dir(NodeId::ROOT, "gone", Owner::root(0o755));
     t.dir(NodeId::ROOT, "busy", Owner::root(0o755));
-    t.file(
-        NodeId::ROOT,
-        "f",
-        FileKind::Snapshot,
-        Arc::new(Value::default()),
-    );
+    t.root_file::<Value>("f", FileKind::Snapshot);
     let private = Owner {
         private: true,
         ..Owner::root(0o755)

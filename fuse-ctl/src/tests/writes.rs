@@ -9,12 +9,7 @@ use super::*;
 #[test]
 fn a_command_reply_follows_the_written_bytes() {
     let t = T::new();
-    let cmd = t.file(
-        NodeId::ROOT,
-        "cmd",
-        FileKind::Command,
-        Arc::new(Keep::default()),
-    );
+    let cmd = t.root_file::<Keep>("cmd", FileKind::Command);
     let fh = t.open(cmd);
     assert_eq!(t.read(fh, 0).get(), data(""), "no reply before a write");
     assert_eq!(t.write(fh, 0, b"echo\n").1.get(), Some(Answer::Written(5)));
@@ -32,18 +27,8 @@ fn a_command_reply_follows_the_written_bytes() {
 #[test]
 fn writes_need_a_command_file_and_an_open_descriptor() {
     let t = T::new();
-    let snap = t.file(
-        NodeId::ROOT,
-        "snap",
-        FileKind::Snapshot,
-        Arc::new(Value::default()),
-    );
-    let block = t.file(
-        NodeId::ROOT,
-        "block",
-        FileKind::Blocking,
-        Arc::new(Gate::default()),
-    );
+    let snap = t.root_file::<Value>("snap", FileKind::Snapshot);
+    let block = t.root_file::<Gate>("block", FileKind::Blocking);
     for node in [snap, block] {
         assert_eq!(t.write(t.open(node), 0, b"x").1.get(), err(Errno::EACCES));
     }
@@ -54,9 +39,7 @@ fn writes_need_a_command_file_and_an_open_descriptor() {
 #[test]
 fn an_interrupt_answers_an_unclaimed_write_with_eintr() {
     let t = T::new();
-    let keep = Arc::new(Keep::default());
-    let cmd = t.file(NodeId::ROOT, "cmd", FileKind::Command, keep.clone());
-    let fh = t.open(cmd);
+    let (keep, fh) = t.open_command();
     let (unique, writer) = t.write(fh, 0, b"later\n");
     let done = keep.take();
     assert_eq!(writer.get(), None);
@@ -77,9 +60,7 @@ fn an_interrupt_answers_an_unclaimed_write_with_eintr() {
 #[test]
 fn a_claimed_write_is_answered_by_finish_despite_an_interrupt() {
     let t = T::new();
-    let keep = Arc::new(Keep::default());
-    let cmd = t.file(NodeId::ROOT, "cmd", FileKind::Command, keep.clone());
-    let fh = t.open(cmd);
+    let (keep, fh) = t.open_command();
     let (unique, writer) = t.write(fh, 0, b"later\n");
     let done = keep.take();
     assert!(done.claim());
@@ -97,9 +78,7 @@ fn a_claimed_write_is_answered_by_finish_despite_an_interrupt() {
 #[test]
 fn a_write_interrupted_before_it_registered_never_reaches_its_handler() {
     let t = T::new();
-    let keep = Arc::new(Keep::default());
-    let cmd = t.file(NodeId::ROOT, "cmd", FileKind::Command, keep.clone());
-    let fh = t.open(cmd);
+    let (keep, fh) = t.open_command();
     let unique = t.next_unique();
     t.core.interrupt(unique);
     assert_eq!(
@@ -113,9 +92,7 @@ fn a_write_interrupted_before_it_registered_never_reaches_its_handler() {
 #[test]
 fn a_write_dropped_unanswered_is_eio_and_finish_claims_itself() {
     let t = T::new();
-    let keep = Arc::new(Keep::default());
-    let cmd = t.file(NodeId::ROOT, "cmd", FileKind::Command, keep.clone());
-    let fh = t.open(cmd);
+    let (keep, fh) = t.open_command();
     let (_, writer) = t.write(fh, 0, b"later\n");
     drop(keep.take());
     assert_eq!(writer.get(), err(Errno::EIO));
@@ -132,12 +109,7 @@ fn shutdown_leaves_only_claimed_writes_to_their_handler() {
     let t = T::new();
     let keep = Arc::new(Keep::default());
     let cmd = t.file(NodeId::ROOT, "cmd", FileKind::Command, keep.clone());
-    let block = t.file(
-        NodeId::ROOT,
-        "block",
-        FileKind::Blocking,
-        Arc::new(Gate::default()),
-    );
+    let block = t.root_file::<Gate>("block", FileKind::Blocking);
     let reader = t.read(t.open(block), 0);
     let fh = t.open(cmd);
     let (_, open_writer) = t.write(fh, 0, b"open\n");
