@@ -79,6 +79,10 @@ pub(super) struct Kube {
     profiles: Mutex<HashMap<Key, NnfStorageProfile>>,
     /// The 403 on Servers is logged once, not on every reconcile.
     servers_denied_logged: AtomicBool,
+    /// By UID, the resourceVersion of our last status write: a cached copy
+    /// older than it (the store has not caught up with our own write yet)
+    /// holds an outdated status and must not drive commands.
+    written: Mutex<HashMap<String, u64>>,
 }
 
 pub(super) fn parse<T: serde::de::DeserializeOwned>(obj: &DynamicObject) -> Result<T, String> {
@@ -97,7 +101,45 @@ impl Kube {
             finalized: Mutex::new(Tombstones::default()),
             profiles: Mutex::new(HashMap::new()),
             servers_denied_logged: AtomicBool::new(false),
+            written: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether `obj` predates our last status write to it. Resource
+    /// versions are opaque to clients in principle; every API server backed
+    /// by etcd (and the test server) hands out increasing integers, and one
+    /// that does not is never called stale.
+    pub(super) fn is_stale(&self, obj: &DynamicObject) -> bool {
+        let (Some(uid), Some(seen)) = (
+            obj.metadata.uid.as_ref(),
+            obj.metadata
+                .resource_version
+                .as_deref()
+                .and_then(|v| v.parse::<u64>().ok()),
+        ) else {
+            return false;
+        };
+        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        written.get(uid).is_some_and(|&ours| seen < ours)
+    }
+
+    fn wrote(&self, obj: &DynamicObject) {
+        if let (Some(uid), Some(version)) = (
+            obj.metadata.uid.clone(),
+            obj.metadata
+                .resource_version
+                .as_deref()
+                .and_then(|v| v.parse::<u64>().ok()),
+        ) {
+            let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+            written.insert(uid, version);
+        }
+    }
+
+    /// Forgets a deleted object's last write.
+    pub(super) fn forget_written(&self, uid: &str) {
+        let mut written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        written.remove(uid);
     }
 
     /// Runs an API call to completion from a blocking-pool thread.
@@ -136,7 +178,10 @@ impl Kube {
             }
             fins.push(CLIENTMOUNT_FINALIZER.to_string());
             match self.call(api.replace(&name, &PostParams::default(), &obj)) {
-                Ok(o) => return Ok(Some(o)),
+                Ok(o) => {
+                    self.wrote(&o);
+                    return Ok(Some(o));
+                }
                 Err(e) if e.code() == Some(404) => return Ok(None),
                 Err(e) if e.code() == Some(409) && !self.stopping() => {
                     debug!("conflict on finalizer update: re-reading");
@@ -168,7 +213,10 @@ impl Kube {
         for _ in 0..attempts {
             obj.data["status"] = value.clone();
             match self.call(api.replace_status(&name, &PostParams::default(), &obj)) {
-                Ok(o) => return Ok(Some(o)),
+                Ok(o) => {
+                    self.wrote(&o);
+                    return Ok(Some(o));
+                }
                 Err(e) if e.code() == Some(404) => return Ok(None),
                 Err(e) if e.code() == Some(409) => {
                     debug!("conflict on status update: re-reading");

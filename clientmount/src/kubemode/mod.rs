@@ -121,6 +121,7 @@ impl controller::Driver for Kube {
             if finalized {
                 info!("unmounted; finalizer removed");
                 if let Some(uid) = uid {
+                    self.forget_written(&uid);
                     self.finalized
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -186,6 +187,14 @@ impl Kube {
 
     /// One pass over the mounts: `deleting` unmounts everything.
     fn apply(&self, obj: &DynamicObject, deleting: bool) -> Result<(), Error> {
+        // Not when deleting: `Ok` there would let `finalizer()` remove the
+        // finalizer, and a teardown unmounts whatever the status says.
+        if !deleting && self.is_stale(obj) {
+            // Our own newer write is on its way through the watch and
+            // triggers the next pass.
+            debug!("cached copy older than our last status write: waiting for it");
+            return Ok(());
+        }
         let key = key_of(obj);
         let api = self.cm_api(obj.metadata.namespace.as_deref().unwrap_or_default());
         let mut cm: ClientMount =
