@@ -109,6 +109,10 @@ pub(super) async fn build(
             let list = api.list(&lp).await.map_err(|e| {
                 api_rejection(&format!("listing the ClientMounts in namespace {ns}"), &e)
             })?;
+            // Listed untyped and parsed one by one, unlike the other kinds:
+            // a typed list fails whole on one object it cannot read, and a
+            // ClientMount of another directive that does not parse must not
+            // stop this copy.
             let mut mounts = Vec::new();
             for item in list.items {
                 let value = serde_json::to_value(&item).unwrap_or(Value::Null);
