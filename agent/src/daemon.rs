@@ -369,7 +369,10 @@ fn serve(
     let _grpc = if args.socket.as_os_str().is_empty() {
         None
     } else {
-        Some(crate::grpc::start(agent.clone(), &args.socket, backend)?)
+        Some(
+            crate::grpc::start(agent.clone(), &args.socket, backend)
+                .map_err(|e| Error::with("cannot open the gRPC door", e))?,
+        )
     };
 
     crate::metrics::serve_http(agent, args.metrics_bind_address.0)

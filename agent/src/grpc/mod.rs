@@ -56,20 +56,50 @@ impl Drop for GrpcServer {
     }
 }
 
+/// Why the gRPC door could not open; the agent does not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot start the gRPC runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot start the gRPC thread")]
+    Thread(#[source] std::io::Error),
+    #[error("cannot use {} as the gRPC socket: it is a directory", .0.display())]
+    Directory(PathBuf),
+    #[error("another server is listening on {}: stop it or pass another --socket", .0.display())]
+    Busy(PathBuf),
+    #[error("{doing} {}", path.display())]
+    Io {
+        doing: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StartError {
+    fn io(doing: &'static str, path: &Path, source: std::io::Error) -> StartError {
+        StartError::Io {
+            doing,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
 /// Binds `socket` (removing a stale one), then serves on a background thread.
-pub fn start(agent: Arc<Agent>, socket: &Path, backend: &str) -> Result<GrpcServer, String> {
+pub fn start(agent: Arc<Agent>, socket: &Path, backend: &str) -> Result<GrpcServer, StartError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(64)
         .thread_name("grpc")
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the gRPC runtime: {e}"))?;
+        .map_err(StartError::Runtime)?;
     let std_listener = bind(socket)?;
     let listener = {
         let _entered = runtime.enter();
         UnixListener::from_std(std_listener)
-            .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?
+            .map_err(|e| StartError::io("cannot listen on", socket, e))?
     };
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
     let waiters = Arc::new(Waiters::default());
@@ -102,7 +132,7 @@ pub fn start(agent: Arc<Agent>, socket: &Path, backend: &str) -> Result<GrpcServ
             // Handlers still waiting (Status with maxWaitTime < 0) end here.
             runtime.shutdown_timeout(SHUTDOWN_GRACE);
         })
-        .map_err(|e| format!("cannot start the gRPC thread: {e}"))?;
+        .map_err(StartError::Thread)?;
     tracing::info!(socket = %socket.display(), "gRPC DataMover serving");
     Ok(GrpcServer {
         socket: socket.to_path_buf(),
@@ -113,31 +143,25 @@ pub fn start(agent: Arc<Agent>, socket: &Path, backend: &str) -> Result<GrpcServ
 
 /// Removes what a previous agent left at `socket`, binds it and opens it to
 /// all (mode 0766, set after bind whatever the umask).
-fn bind(socket: &Path) -> Result<std::os::unix::net::UnixListener, String> {
+fn bind(socket: &Path) -> Result<std::os::unix::net::UnixListener, StartError> {
     if let Ok(meta) = std::fs::symlink_metadata(socket) {
         if meta.is_dir() {
-            return Err(format!(
-                "cannot use {} as the gRPC socket: it is a directory",
-                socket.display()
-            ));
+            return Err(StartError::Directory(socket.to_path_buf()));
         }
         if meta.file_type().is_socket() && std::os::unix::net::UnixStream::connect(socket).is_ok() {
-            return Err(format!(
-                "another server is listening on {}: stop it or pass another --socket",
-                socket.display()
-            ));
+            return Err(StartError::Busy(socket.to_path_buf()));
         }
         std::fs::remove_file(socket)
-            .map_err(|e| format!("cannot remove the stale {}: {e}", socket.display()))?;
+            .map_err(|e| StartError::io("cannot remove the stale", socket, e))?;
         tracing::warn!(socket = %socket.display(), "removed a stale gRPC socket");
     }
     let listener = std::os::unix::net::UnixListener::bind(socket)
-        .map_err(|e| format!("cannot bind the gRPC socket {}: {e}", socket.display()))?;
+        .map_err(|e| StartError::io("cannot bind the gRPC socket", socket, e))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(SOCKET_MODE))
-        .map_err(|e| format!("cannot chmod {}: {e}", socket.display()))?;
+        .map_err(|e| StartError::io("cannot chmod", socket, e))?;
     listener
         .set_nonblocking(true)
-        .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+        .map_err(|e| StartError::io("cannot listen on", socket, e))?;
     Ok(listener)
 }
 
