@@ -138,19 +138,9 @@ impl World {
     }
 }
 
+/// The pinned xfs-on-LVM profile both modes' tests use.
 fn profile() -> Value {
-    json!({
-        "apiVersion": "nnf.cray.hpe.com/v1alpha11",
-        "kind": "NnfStorageProfile",
-        "metadata": {"name": "pinned-prof", "namespace": "nnf-system"},
-        "data": {"pinned": true, "xfsStorage": {
-            "blockDeviceCommands": {"sharedVg": true, "computeCommands": {
-                "lvChange": {"activate": "--activate y $VG_NAME/$LV_NAME",
-                             "deactivate": "--activate n $VG_NAME/$LV_NAME"},
-                "vgChange": {"lockStart": "--lock-start $VG_NAME", "lockStop": "--lock-stop $VG_NAME"}}},
-            "fileSystemCommands": {"computeCommands": {
-                "mount": "$DEVICE $MOUNT_PATH", "unmount": "$MOUNT_PATH"}}}}
-    })
+    pinned_xfs_profile()
 }
 
 fn clientmount(node: &str, name: &str, state: &str, mounts: Value) -> Value {
@@ -187,13 +177,7 @@ fn has_finalizer(o: &Value) -> bool {
 }
 
 fn all_ready(state: &'static str) -> impl Fn(&Value) -> bool {
-    move |o: &Value| {
-        let s = &o["status"];
-        s["allReady"] == json!(true)
-            && s["mounts"]
-                .as_array()
-                .is_some_and(|m| !m.is_empty() && m.iter().all(|e| e["state"] == json!(state)))
-    }
+    move |o: &Value| status_all_ready(&o["status"], state)
 }
 
 /// Every write the daemon sent was made as the clientmount account, and

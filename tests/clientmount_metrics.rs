@@ -134,19 +134,9 @@ fn logged(log: &[String], prefix: &str) -> f64 {
     log.iter().filter(|l| l.starts_with(prefix)).count() as f64
 }
 
+/// The pinned xfs-on-LVM profile both modes' tests use.
 fn profile() -> Value {
-    json!({
-        "apiVersion": "nnf.cray.hpe.com/v1alpha11",
-        "kind": "NnfStorageProfile",
-        "metadata": {"name": "pinned-prof", "namespace": "nnf-system"},
-        "data": {"pinned": true, "xfsStorage": {
-            "blockDeviceCommands": {"sharedVg": true, "computeCommands": {
-                "lvChange": {"activate": "--activate y $VG_NAME/$LV_NAME",
-                             "deactivate": "--activate n $VG_NAME/$LV_NAME"},
-                "vgChange": {"lockStart": "--lock-start $VG_NAME", "lockStop": "--lock-stop $VG_NAME"}}},
-            "fileSystemCommands": {"computeCommands": {
-                "mount": "$DEVICE $MOUNT_PATH", "unmount": "$MOUNT_PATH"}}}}
-    })
+    pinned_xfs_profile()
 }
 
 fn clientmount(ns: &str, name: &str, profile: &str, state: &str, path: &Path) -> Value {
@@ -167,12 +157,7 @@ fn clientmount(ns: &str, name: &str, profile: &str, state: &str, path: &Path) ->
 }
 
 fn all_ready(state: &'static str) -> impl Fn(&Value) -> bool {
-    move |s: &Value| {
-        s["allReady"] == json!(true)
-            && s["mounts"]
-                .as_array()
-                .is_some_and(|m| !m.is_empty() && m.iter().all(|e| e["state"] == json!(state)))
-    }
+    move |s: &Value| status_all_ready(s, state)
 }
 
 /// Polls the scrape until `pred` holds; panics with the last one.

@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use integration_tests::kube::{kube_agent, NODE, RABBIT};
 use integration_tests::*;
 use kube_testserver::{Config, EventType, TestServer, NNF_DM};
 use serde_json::{json, Value};
@@ -445,8 +446,6 @@ fn metrics_bind_address_is_off_by_default_and_its_errors_name_the_flag() {
 
 // ---- The Kubernetes backend ----
 
-const NODE: &str = "compute-1";
-const RABBIT: &str = "rabbit-1";
 const DM: &str = "NnfDataMovement";
 const LUS_REQ: &str =
     "workflow=wf1 namespace=default source=/mnt/nnf/lus-0/ckpt destination=/lus/global/me/ckpt";
@@ -533,30 +532,6 @@ fn utc_now() -> String {
         .output()
         .unwrap();
     stdout(&out).trim().to_string()
-}
-
-fn kube_agent(server: &TestServer, extra: &[&str]) -> Agent {
-    let port = server.port().to_string();
-    let token = server.token_file(NNF_DM);
-    let ca = server.ca_file();
-    let mut args = vec![
-        "--backend",
-        "kubernetes",
-        "--kubernetes-service-host",
-        "127.0.0.1",
-        "--kubernetes-service-port",
-        &port,
-        "--service-token-file",
-        token.to_str().unwrap(),
-        "--service-cert-file",
-        ca.to_str().unwrap(),
-        "--node-name",
-        NODE,
-        "--nnf-node-name",
-        RABBIT,
-    ];
-    args.extend_from_slice(extra);
-    Agent::start(&args)
 }
 
 /// The API server's log of the agent's requests: (verb, resource, code) →

@@ -661,3 +661,29 @@ pub fn assert_none_overlap(runs: &[&MountRun]) {
         );
     }
 }
+
+/// The pinned NnfStorageProfile of the xfs-on-LVM tests: shared VG, lock
+/// start/stop, activate/deactivate, mount/unmount.
+pub fn pinned_xfs_profile() -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "nnf.cray.hpe.com/v1alpha11",
+        "kind": "NnfStorageProfile",
+        "metadata": {"name": "pinned-prof", "namespace": "nnf-system"},
+        "data": {"pinned": true, "xfsStorage": {
+            "blockDeviceCommands": {"sharedVg": true, "computeCommands": {
+                "lvChange": {"activate": "--activate y $VG_NAME/$LV_NAME",
+                             "deactivate": "--activate n $VG_NAME/$LV_NAME"},
+                "vgChange": {"lockStart": "--lock-start $VG_NAME", "lockStop": "--lock-stop $VG_NAME"}}},
+            "fileSystemCommands": {"computeCommands": {
+                "mount": "$DEVICE $MOUNT_PATH", "unmount": "$MOUNT_PATH"}}}}
+    })
+}
+
+/// Whether a ClientMount status has every one of its (at least one) mounts
+/// ready in `state`.
+pub fn status_all_ready(status: &serde_json::Value, state: &str) -> bool {
+    status["allReady"] == serde_json::json!(true)
+        && status["mounts"].as_array().is_some_and(|m| {
+            !m.is_empty() && m.iter().all(|e| e["state"] == serde_json::json!(state))
+        })
+}
