@@ -15,7 +15,7 @@
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -28,9 +28,16 @@ const T: Duration = Duration::from_secs(30);
 const CM: &str = "ClientMount";
 
 struct World {
-    tmp: tempfile::TempDir,
+    scratch: Scratch,
     server: TestServer,
     node: String,
+}
+
+impl std::ops::Deref for World {
+    type Target = Scratch;
+    fn deref(&self) -> &Scratch {
+        &self.scratch
+    }
 }
 
 impl World {
@@ -39,35 +46,14 @@ impl World {
     }
 
     fn with_server(node: &str, config: Config) -> World {
-        let tmp = tempfile::Builder::new()
-            .prefix("clientmountd-kube-")
-            .tempdir()
-            .expect("tempdir");
-        for d in ["bin", "mapper", "map", "mnt", "nvme"] {
-            fs::create_dir_all(tmp.path().join(d)).unwrap();
-        }
-        let w = World {
-            tmp,
+        World {
+            scratch: Scratch::new("clientmountd-kube-"),
             server: TestServer::start(config),
             node: node.to_string(),
-        };
-        lvm_stubs(&w.bin(), &w.cmdlog(), &w.p("map"), &w.p("mapper"));
-        w
-    }
-    fn p(&self, rel: &str) -> PathBuf {
-        self.tmp.path().join(rel)
-    }
-    fn bin(&self) -> PathBuf {
-        self.p("bin")
-    }
-    fn cmdlog(&self) -> PathBuf {
-        self.p("commands.log")
-    }
-    fn commands(&self) -> Vec<String> {
-        read_lines(&self.cmdlog())
+        }
     }
     fn args(&self) -> Vec<String> {
-        [
+        let mut args: Vec<String> = [
             "--kubernetes-service-host",
             "127.0.0.1",
             "--kubernetes-service-port",
@@ -80,16 +66,12 @@ impl World {
             &self.node,
             "--command-timeout",
             "20s",
-            "--device-dir",
-            self.p("mapper").to_str().unwrap(),
-            "--device-wait",
-            "5s",
-            "--nvme-dir",
-            self.p("nvme").to_str().unwrap(),
         ]
         .iter()
         .map(|s| s.to_string())
-        .collect()
+        .collect();
+        args.extend(self.device_args());
+        args
     }
     fn start(&self) -> Daemon {
         Daemon::spawn(&self.bin(), &self.p("daemon.log"), &self.args())
@@ -196,11 +178,11 @@ fn assert_clean_requests(server: &TestServer) {
 #[test]
 fn xfs_finalizer_status_unmount_restart_and_deletion() {
     let w = World::new("knode1");
-    let dev = LoopDev::new(w.tmp.path(), "xfs", Some(&["mkfs.xfs", "-q"]));
-    let mnt = w.p("mnt/xfs");
-    let mut guard = MountGuard::default();
-    guard.watch(&mnt);
-    map_lv(&w.p("map"), "vg-a", "lv-0", &dev.dev);
+    let XfsLv {
+        dev,
+        mnt,
+        guard: _guard,
+    } = w.xfs_lv("xfs", "mnt/xfs", "vg-a", "lv-0");
     w.put_profile();
     w.put_cm(
         "cm",
@@ -284,11 +266,11 @@ fn xfs_finalizer_status_unmount_restart_and_deletion() {
 #[test]
 fn status_conflict_storm_converges() {
     let w = World::new("knode2");
-    let dev = LoopDev::new(w.tmp.path(), "xfs", Some(&["mkfs.xfs", "-q"]));
-    let mnt = w.p("mnt/xfs");
-    let mut guard = MountGuard::default();
-    guard.watch(&mnt);
-    map_lv(&w.p("map"), "vg", "lv", &dev.dev);
+    let XfsLv {
+        dev: _dev,
+        mnt,
+        guard: _guard,
+    } = w.xfs_lv("xfs", "mnt/xfs", "vg", "lv");
     w.put_profile();
     // 12 status updates in a row answer 409, and the finalizer update too.
     w.server
@@ -315,11 +297,11 @@ fn status_conflict_storm_converges() {
 #[test]
 fn api_server_down_at_start_and_mid_watch() {
     let w = World::new("knode3");
-    let dev = LoopDev::new(w.tmp.path(), "xfs", Some(&["mkfs.xfs", "-q"]));
-    let mnt = w.p("mnt/xfs");
-    let mut guard = MountGuard::default();
-    guard.watch(&mnt);
-    map_lv(&w.p("map"), "vg", "lv", &dev.dev);
+    let XfsLv {
+        dev: _dev,
+        mnt,
+        guard: _guard,
+    } = w.xfs_lv("xfs", "mnt/xfs", "vg", "lv");
     w.put_profile();
 
     // Down at start: the daemon keeps retrying (systemd would restart it
@@ -419,17 +401,8 @@ fn foreign_mount_error_in_status_and_deletion_waits_for_it() {
 fn lustre_servers_forbidden_is_best_effort() {
     let w = World::new("knode6");
     let mnt = w.p("mnt/lus");
-    let log = w.cmdlog();
-    stub(
-        &w.bin(),
-        "mount",
-        &format!("echo \"mount $*\" >> '{}'", log.display()),
-    );
-    stub(
-        &w.bin(),
-        "umount",
-        &format!("echo \"umount $*\" >> '{}'", log.display()),
-    );
+    w.recording_stub("mount");
+    w.recording_stub("umount");
     let mut prof = profile();
     prof["data"] = json!({"pinned": true, "lustreStorage": {"clientOptions": {"commandlines": {
         "mountCompute": "$MGS_NID:/$FS_NAME $MOUNT_PATH", "unmountCompute": "$MOUNT_PATH"}}}});
@@ -679,11 +652,11 @@ fn bench_clientmount_kube() {
         );
     }
     // Idle with one mounted ClientMount being watched.
-    let dev = LoopDev::new(w.tmp.path(), "idle", Some(&["mkfs.xfs", "-q"]));
-    let mnt = w.p("mnt/idle");
-    let mut guard = MountGuard::default();
-    guard.watch(&mnt);
-    map_lv(&w.p("map"), "vgidle", "lv", &dev.dev);
+    let XfsLv {
+        dev: _dev,
+        mnt,
+        guard: _guard,
+    } = w.xfs_lv("idle", "mnt/idle", "vgidle", "lv");
     w.put_cm(
         "idle",
         "mounted",
@@ -968,11 +941,11 @@ fn nvme_rescan_quick_retry_and_rescan_on_deletion() {
 #[test]
 fn fatal_errors_are_retried_on_the_slow_backoff() {
     let w = World::new("kfatal");
-    let dev = LoopDev::new(w.tmp.path(), "xfs", Some(&["mkfs.xfs", "-q"]));
-    let mnt = w.p("mnt/x");
-    let mut guard = MountGuard::default();
-    guard.watch(&mnt);
-    map_lv(&w.p("map"), "vg", "lv", &dev.dev);
+    let XfsLv {
+        dev: _dev,
+        mnt,
+        guard: _guard,
+    } = w.xfs_lv("xfs", "mnt/x", "vg", "lv");
     w.server.put_object(profile_with(json!({}), false));
     w.put_cm("cm", "mounted", json!([xfs_mount(&mnt, "vg", "lv", None)]));
     let d = w.start();

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -183,54 +183,14 @@ fn wait_scrape(
     }
 }
 
-struct Dirs {
-    tmp: tempfile::TempDir,
-}
-
-impl Dirs {
-    fn new(prefix: &str) -> Dirs {
-        let tmp = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
-        for d in ["spec", "bin", "mapper", "map", "mnt", "nvme"] {
-            fs::create_dir_all(tmp.path().join(d)).unwrap();
-        }
-        let d = Dirs { tmp };
-        lvm_stubs(
-            &d.p("bin"),
-            &d.p("commands.log"),
-            &d.p("map"),
-            &d.p("mapper"),
-        );
-        d
-    }
-    fn p(&self, rel: &str) -> PathBuf {
-        self.tmp.path().join(rel)
-    }
-    fn common_args(&self) -> Vec<String> {
-        [
-            "--device-dir",
-            self.p("mapper").to_str().unwrap(),
-            "--device-wait",
-            "5s",
-            "--nvme-dir",
-            self.p("nvme").to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    }
-    fn commands(&self) -> Vec<String> {
-        read_lines(&self.p("commands.log"))
-    }
-}
-
 #[test]
 fn spec_dir_metrics_count_the_work() {
-    let w = Dirs::new("clientmountd-metrics-");
-    let dev = LoopDev::new(w.tmp.path(), "xfs", Some(&["mkfs.xfs", "-q"]));
-    let mnt = w.p("mnt/xfs");
-    let mut guard = MountGuard::default();
-    guard.watch(&mnt);
-    map_lv(&w.p("map"), "vg", "lv", &dev.dev);
+    let w = Scratch::new("clientmountd-metrics-");
+    let XfsLv {
+        dev: _dev,
+        mnt,
+        guard: _guard,
+    } = w.xfs_lv("xfs", "mnt/xfs", "vg", "lv");
     let spec = w.p("spec");
     write_json(&spec.join("profile.json"), &profile());
     write_json(
@@ -250,7 +210,7 @@ fn spec_dir_metrics_count_the_work() {
     );
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let bind = addr.to_string();
-    let mut args = w.common_args();
+    let mut args = w.device_args();
     args.extend(["--metrics-bind-address".to_string(), bind]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let d = Daemon::start(&spec, &w.p("bin"), &w.p("daemon.log"), &args);
@@ -323,14 +283,14 @@ fn spec_dir_metrics_count_the_work() {
 /// sends nothing to the API server.
 #[test]
 fn kubernetes_metrics_and_an_idle_scrape_costs_no_request() {
-    let w = Dirs::new("clientmountd-kmetrics-");
+    let w = Scratch::new("clientmountd-kmetrics-");
     let server = TestServer::start(Config::default());
     let node = "kmetrics1";
-    let dev = LoopDev::new(w.tmp.path(), "xfs", Some(&["mkfs.xfs", "-q"]));
-    let mnt = w.p("mnt/xfs");
-    let mut guard = MountGuard::default();
-    guard.watch(&mnt);
-    map_lv(&w.p("map"), "vg", "lv", &dev.dev);
+    let XfsLv {
+        dev: _dev,
+        mnt,
+        guard: _guard,
+    } = w.xfs_lv("xfs", "mnt/xfs", "vg", "lv");
     server.put_object(profile());
     server.put_object(clientmount(node, "cm", "pinned-prof", "mounted", &mnt));
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -353,7 +313,7 @@ fn kubernetes_metrics_and_an_idle_scrape_costs_no_request() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    args.extend(w.common_args());
+    args.extend(w.device_args());
     let d = Daemon::spawn(&w.p("bin"), &w.p("daemon.log"), &args);
     let ok = server.wait_for("ClientMount", Some(node), T, |o| {
         all_ready("mounted")(&o["status"])
@@ -446,9 +406,9 @@ fn zero_disables_the_endpoint_the_default_is_8080_a_busy_port_is_named() {
     assert!(help.contains("--metrics-bind-address"), "{help}");
     assert!(help.contains("[default: :8080]"), "{help}");
 
-    let w = Dirs::new("clientmountd-metrics-off-");
+    let w = Scratch::new("clientmountd-metrics-off-");
     let spec = w.p("spec");
-    let args = w.common_args();
+    let args = w.device_args();
     let start = |log: &str, bind: &str| {
         let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
         a.extend(["--metrics-bind-address", bind]);

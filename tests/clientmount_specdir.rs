@@ -15,55 +15,26 @@ use serde_json::{json, Value};
 const T: Duration = Duration::from_secs(30);
 
 /// A test's world: spec dir, stand-in bin dir, device dir, LV map, logs.
-struct World {
-    tmp: tempfile::TempDir,
+struct World(Scratch);
+
+impl std::ops::Deref for World {
+    type Target = Scratch;
+    fn deref(&self) -> &Scratch {
+        &self.0
+    }
 }
 
 impl World {
     fn new() -> World {
-        let tmp = tempfile::Builder::new()
-            .prefix("clientmountd-test-")
-            .tempdir()
-            .expect("tempdir");
-        for d in ["spec", "bin", "mapper", "map", "mnt", "nvme"] {
-            fs::create_dir_all(tmp.path().join(d)).unwrap();
-        }
-        let w = World { tmp };
-        lvm_stubs(&w.bin(), &w.cmdlog(), &w.p("map"), &w.p("mapper"));
-        w
-    }
-    fn p(&self, rel: &str) -> std::path::PathBuf {
-        self.tmp.path().join(rel)
-    }
-    fn spec(&self) -> std::path::PathBuf {
-        self.p("spec")
-    }
-    fn bin(&self) -> std::path::PathBuf {
-        self.p("bin")
-    }
-    fn cmdlog(&self) -> std::path::PathBuf {
-        self.p("commands.log")
+        World(Scratch::new("clientmountd-test-"))
     }
     fn start(&self) -> Daemon {
-        Daemon::start(
-            &self.spec(),
-            &self.bin(),
-            &self.p("daemon.log"),
-            &[
-                "--device-dir",
-                self.p("mapper").to_str().unwrap(),
-                "--device-wait",
-                "5s",
-                "--nvme-dir",
-                self.p("nvme").to_str().unwrap(),
-            ],
-        )
+        let args = self.device_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Daemon::start(&self.spec(), &self.bin(), &self.p("daemon.log"), &args)
     }
     fn put(&self, name: &str, v: &Value) {
         write_json(&self.spec().join(format!("{name}.json")), v);
-    }
-    fn commands(&self) -> Vec<String> {
-        read_lines(&self.cmdlog())
     }
 }
 
@@ -131,11 +102,11 @@ fn all_ready(state: &'static str) -> impl Fn(&Value) -> bool {
 #[test]
 fn xfs_mount_permissions_substitution_restart_and_unmount() {
     let w = World::new();
-    let dev = LoopDev::new(w.tmp.path(), "xfs", Some(&["mkfs.xfs", "-q"]));
-    let mnt = w.p("mnt/xfs");
-    let mut guard = MountGuard::default();
-    guard.watch(&mnt);
-    map_lv(&w.p("map"), "vg-a", "lv-0", &dev.dev);
+    let XfsLv {
+        dev,
+        mnt,
+        guard: _guard,
+    } = w.xfs_lv("xfs", "mnt/xfs", "vg-a", "lv-0");
     let hook = format!(
         "echo '$DEVICE|$DEVICE_LIST|$VG_NAME/$LV_NAME|$UNKNOWN_X|$JOBID|$USERID:$GROUPID' >> {}",
         w.p("hooks.log").display()
@@ -373,16 +344,8 @@ fn lustre_exact_command_lines_and_servers_file() {
     let mnt = w.p("mnt/lus");
     let log = w.cmdlog();
     // Recording stand-ins for the Lustre mount and unmount.
-    stub(
-        &w.bin(),
-        "mount",
-        &format!("echo \"mount $*\" >> '{}'", log.display()),
-    );
-    stub(
-        &w.bin(),
-        "umount",
-        &format!("echo \"umount $*\" >> '{}'", log.display()),
-    );
+    w.recording_stub("mount");
+    w.recording_stub("umount");
     w.put(
         "profile",
         &profile(json!({"lustreStorage": {"clientOptions": {
@@ -437,11 +400,7 @@ fn gfs2_with_recording_standins() {
     let dev = LoopDev::new(w.tmp.path(), "gfs2", None);
     let mnt = w.p("mnt/gfs2");
     let log = w.cmdlog();
-    stub(
-        &w.bin(),
-        "mount",
-        &format!("echo \"mount $*\" >> '{}'", log.display()),
-    );
+    w.recording_stub("mount");
     map_lv(&w.p("map"), "uid-9_1", "lv-3", &dev.dev);
     let mut gfs2 = block_section(json!({}), json!({}));
     gfs2["blockDeviceCommands"]["computeCommands"]["lvChange"]["activate"] =
@@ -1006,6 +965,12 @@ fn command_timeout_precedence_and_mapper_wait() {
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
+    // A daemon with these settings, once the ClientMount has a status error.
+    let until_error = |log: &str, extra: &[&str], env: (&str, &str)| {
+        let d = Daemon::spawn_env(&w.bin(), &w.p(log), &args(extra), &[env]);
+        let st = wait_status(&spec, "cm", &d, T, |s| s.get("error").is_some());
+        (d, st)
+    };
     // The LV "activates" but its device never appears.
     map_lv(&w.p("map"), "vg", "lv", &w.p("no-such-device"));
     let slow = w.p("slow.log");
@@ -1022,13 +987,7 @@ fn command_timeout_precedence_and_mapper_wait() {
     );
 
     // NNF_MAPPER_WAIT_TIMEOUT sets the device wait...
-    let mut d = Daemon::spawn_env(
-        &w.bin(),
-        &w.p("d1.log"),
-        &args(&[]),
-        &[("NNF_MAPPER_WAIT_TIMEOUT", "1")],
-    );
-    let st = wait_status(&spec, "cm", &d, T, |s| s.get("error").is_some());
+    let (mut d, st) = until_error("d1.log", &[], ("NNF_MAPPER_WAIT_TIMEOUT", "1"));
     assert!(
         st["error"]["debugMessage"]
             .as_str()
@@ -1044,13 +1003,11 @@ fn command_timeout_precedence_and_mapper_wait() {
     d.stop();
     fs::remove_file(spec.join("cm.status.json")).unwrap();
     // ... and --device-wait wins over it.
-    let mut d = Daemon::spawn_env(
-        &w.bin(),
-        &w.p("d2.log"),
-        &args(&["--device-wait", "2s"]),
-        &[("NNF_MAPPER_WAIT_TIMEOUT", "1")],
+    let (mut d, st) = until_error(
+        "d2.log",
+        &["--device-wait", "2s"],
+        ("NNF_MAPPER_WAIT_TIMEOUT", "1"),
     );
-    let st = wait_status(&spec, "cm", &d, T, |s| s.get("error").is_some());
     assert!(
         st["error"]["debugMessage"]
             .as_str()
@@ -1067,13 +1024,7 @@ fn command_timeout_precedence_and_mapper_wait() {
     map_lv(&w.p("map"), "vg", "lv", &dev.dev);
     fs::remove_file(spec.join("cm.status.json")).unwrap();
     // NNF_COMMAND_TIMEOUT_SECONDS kills it...
-    let mut d = Daemon::spawn_env(
-        &w.bin(),
-        &w.p("d3.log"),
-        &args(&[]),
-        &[("NNF_COMMAND_TIMEOUT_SECONDS", "1")],
-    );
-    let st = wait_status(&spec, "cm", &d, T, |s| s.get("error").is_some());
+    let (mut d, st) = until_error("d3.log", &[], ("NNF_COMMAND_TIMEOUT_SECONDS", "1"));
     assert!(
         st["error"]["debugMessage"]
             .as_str()
@@ -1111,11 +1062,11 @@ fn command_timeout_precedence_and_mapper_wait() {
 #[test]
 fn ownership_restored_and_hooks_after_restart_and_reboot() {
     let w = World::new();
-    let dev = LoopDev::new(w.tmp.path(), "xfs", Some(&["mkfs.xfs", "-q"]));
-    let mnt = w.p("mnt/x");
-    let mut guard = MountGuard::default();
-    guard.watch(&mnt);
-    map_lv(&w.p("map"), "vg", "lv", &dev.dev);
+    let XfsLv {
+        dev: _dev,
+        mnt,
+        guard: _guard,
+    } = w.xfs_lv("xfs", "mnt/x", "vg", "lv");
     let hooks = w.p("hooks.log");
     w.put(
         "profile",
@@ -1158,11 +1109,11 @@ fn ownership_restored_and_hooks_after_restart_and_reboot() {
 #[test]
 fn profile_variables_end_to_end() {
     let w = World::new();
-    let dev = LoopDev::new(w.tmp.path(), "xfs", Some(&["mkfs.xfs", "-q"]));
-    let mnt = w.p("mnt/vars");
-    let mut guard = MountGuard::default();
-    guard.watch(&mnt);
-    map_lv(&w.p("map"), "own_2_5", "lv", &dev.dev);
+    let XfsLv {
+        dev: _dev,
+        mnt,
+        guard: _guard,
+    } = w.xfs_lv("xfs", "mnt/vars", "own_2_5", "lv");
     let log = w.p("vars.log");
     let mut section = block_section(
         json!({"postMount": [format!(

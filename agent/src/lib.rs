@@ -52,13 +52,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 // Once, with every cause: the log goes to the same stderr.
-                let mut line = format!("nnf-dm: {e}");
-                let mut cause = std::error::Error::source(&e);
-                while let Some(c) = cause {
-                    line.push_str(&format!(": {c}"));
-                    cause = c.source();
-                }
-                eprintln!("{line}");
+                eprintln!("nnf-dm: {}", daemon_common::error::Causes(&e));
                 ExitCode::FAILURE
             }
         },

@@ -15,11 +15,15 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use futures::{Stream, StreamExt};
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::Store;
+use kube::runtime::{watcher, Controller};
 use nnf_api::{labels, ClientMount, ClientMountStatus, NnfStorageProfile, Servers};
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
+use crate::daemon::Stop;
 use crate::metrics::Metrics;
 use crate::mount::Config;
 use crate::reconcile::{self, Ctx, Next, Outcome};
@@ -262,51 +266,23 @@ pub fn pick_servers<'a>(cm: &ClientMount, all: &'a [Servers]) -> Option<&'a Serv
     }
 }
 
-/// Graceful shutdown of every `Controller` of the daemon at once.
-pub struct Stop {
-    /// `None` once stopped.
-    senders: Mutex<Option<Vec<futures::channel::oneshot::Sender<()>>>>,
-}
-
-impl Default for Stop {
-    fn default() -> Self {
-        Stop {
-            senders: Mutex::new(Some(Vec::new())),
-        }
-    }
-}
-
-impl Stop {
-    /// For `Controller::graceful_shutdown_on`.
-    pub fn signalled(&self) -> impl std::future::Future<Output = ()> + Send + Sync + 'static {
-        use futures::FutureExt;
-        let (tx, rx) = futures::channel::oneshot::channel();
-        match self
-            .senders
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
-            Some(senders) => senders.push(tx),
-            None => drop(tx),
-        }
-        // A dropped sender (stopped already) ends the wait too.
-        rx.map(|_| ())
-    }
-
-    /// Commands in flight finish, no other starts, the controllers end
-    /// once their running reconciles did.
-    pub fn stop(&self, cfg: &Config) {
-        cfg.shutdown.store(true, Ordering::SeqCst);
-        let senders = self
-            .senders
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        for tx in senders.into_iter().flatten() {
-            let _ = tx.send(());
-        }
-    }
+/// Runs one `Controller` over `trigger` (the objects to reconcile, as a
+/// watch gives them) until `stop`: the one loop both drivers share.
+pub async fn run<D: Driver>(
+    trigger: impl Stream<Item = Result<DynamicObject, watcher::Error>> + Send + 'static,
+    reader: Store<DynamicObject>,
+    stop: &Stop,
+    shared: Arc<Shared<D>>,
+) {
+    Controller::for_stream_with(trigger, reader, clientmount_resource())
+        .graceful_shutdown_on(stop.signalled())
+        .run(reconcile, error_policy, shared)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                debug!(error = %e, "controller");
+            }
+        })
+        .await;
 }
 
 /// Mount paths held by running reconciles: two ClientMounts never work on

@@ -6,6 +6,7 @@
 //! `--spec-dir DIR` mode (JSON files, no API server).
 
 mod controller;
+mod daemon;
 mod exec;
 mod inotify;
 mod kubemode;
@@ -391,6 +392,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            let e = daemon_common::error::Causes(&e);
             tracing::error!(error = %e, "clientmountd failed");
             eprintln!("clientmountd: {e}");
             ExitCode::from(1)

@@ -175,7 +175,10 @@ impl Metrics {
 /// Serves `metrics` on `addr` (`None`: `--metrics-bind-address 0`, off)
 /// from the current runtime. Bound before the daemon does anything else,
 /// so a busy port is a start-up error naming the address.
-pub async fn serve(addr: Option<SocketAddr>, metrics: Arc<Metrics>) -> Result<(), String> {
+pub async fn serve(
+    addr: Option<SocketAddr>,
+    metrics: Arc<Metrics>,
+) -> Result<(), daemon_common::metrics_http::BindError> {
     let Some(addr) = addr else {
         return Ok(());
     };
@@ -183,10 +186,6 @@ pub async fn serve(addr: Option<SocketAddr>, metrics: Arc<Metrics>) -> Result<()
     daemon_common::metrics_http::serve(addr, render)
         .await
         .map(|_| ())
-        .map_err(|e| match std::error::Error::source(&e) {
-            Some(cause) => format!("{e}: {cause}"),
-            None => e.to_string(),
-        })
 }
 
 #[cfg(test)]

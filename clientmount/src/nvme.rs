@@ -6,14 +6,34 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use daemon_common::error::Causes;
 use tracing::{info, warn};
 
+use crate::exec::ExecError;
 use crate::mount::Config;
 
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("could not read {}", .dir.display())]
+    ReadDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not rescan NVMe device")]
+    Rescan(#[source] ExecError),
+    #[error("could not get NVMe device list")]
+    List(#[source] ExecError),
+    #[error("could not parse `nvme list` output")]
+    Parse(#[source] serde_json::Error),
+}
+
 /// `nvme<N>` (controllers) or `nvme<N>n<M>` (namespaces) in `dir`, sorted.
-fn devices(dir: &Path, namespaces: bool) -> Result<Vec<PathBuf>, String> {
-    let entries =
-        fs::read_dir(dir).map_err(|e| format!("could not read {}: {e}", dir.display()))?;
+fn devices(dir: &Path, namespaces: bool) -> Result<Vec<PathBuf>, Error> {
+    let entries = fs::read_dir(dir).map_err(|source| Error::ReadDir {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
     let mut out: Vec<PathBuf> = entries
         .flatten()
         .filter(|e| {
@@ -35,15 +55,14 @@ fn devices(dir: &Path, namespaces: bool) -> Result<Vec<PathBuf>, String> {
 
 /// `nvme ns-rescan` on every controller, logging the namespaces that came
 /// and went (upstream `NvmeRescanDevices`).
-pub fn rescan(cfg: &Config) -> Result<(), String> {
+pub fn rescan(cfg: &Config) -> Result<(), Error> {
     let before = devices(&cfg.nvme_dir, true)?;
     for ctrl in devices(&cfg.nvme_dir, false)? {
         let cmd = format!(
             "nvme ns-rescan {}",
             crate::vars::shell_quote(&ctrl.display().to_string())
         );
-        cfg.exec(&cmd)
-            .map_err(|e| format!("could not rescan NVMe device: {e}"))?;
+        cfg.exec(&cmd).map_err(Error::Rescan)?;
     }
     let after = devices(&cfg.nvme_dir, true)?;
     let removed: Vec<String> = before
@@ -67,16 +86,15 @@ pub fn rescan(cfg: &Config) -> Result<(), String> {
 
 /// Every namespace `nvme list -v --output-format=json` shows, as
 /// `(subsystem NQN, NSID)` (upstream `NvmeListDevices`).
-pub fn list(cfg: &Config) -> Result<Vec<(String, String)>, String> {
+pub fn list(cfg: &Config) -> Result<Vec<(String, String)>, Error> {
     let out = cfg
         .exec("nvme list -v --output-format=json")
-        .map_err(|e| format!("could not get NVMe device list: {e}"))?;
+        .map_err(Error::List)?;
     parse_list(&out.stdout)
 }
 
-fn parse_list(text: &str) -> Result<Vec<(String, String)>, String> {
-    let v: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| format!("could not parse `nvme list` output: {e}"))?;
+fn parse_list(text: &str) -> Result<Vec<(String, String)>, Error> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(Error::Parse)?;
     let mut found = Vec::new();
     for dev in v["Devices"].as_array().into_iter().flatten() {
         let nqn = dev["SubsystemNQN"].as_str().unwrap_or_default();
@@ -111,7 +129,7 @@ pub fn missing<'a>(
 /// mount is made of is present now (then a quick retry may succeed).
 pub fn rescan_after_failed_activation(cfg: &Config, expected: &[(String, String)]) -> bool {
     if let Err(e) = rescan(cfg) {
-        warn!(error = %e, "NVMe rescan after a failed activation failed");
+        warn!(error = %Causes(&e), "NVMe rescan after a failed activation failed");
         return false;
     }
     if expected.is_empty() {
@@ -127,7 +145,7 @@ pub fn rescan_after_failed_activation(cfg: &Config, expected: &[(String, String)
             gone.is_empty()
         }
         Err(e) => {
-            warn!(error = %e, "NVMe namespace list failed");
+            warn!(error = %Causes(&e), "NVMe namespace list failed");
             false
         }
     }

@@ -2,6 +2,7 @@
 //! ClientMount, its pinned profile and the Servers object to the new
 //! status. The driver persists the status.
 
+use daemon_common::error::Causes;
 use nnf_api::{
     ClientMount, ClientMountDeviceType, ClientMountInfoStatus, ClientMountState, ClientMountStatus,
     ClientMountType, NnfStorageProfile, ResourceError, ResourceErrorSeverity, Servers,
@@ -256,7 +257,7 @@ pub fn after_deletion(cm: &ClientMount, cfg: &Config) {
         return;
     }
     if let Err(e) = nvme::rescan(cfg) {
-        warn!(error = %e, "NVMe rescan after deletion failed");
+        warn!(error = %Causes(&e), "NVMe rescan after deletion failed");
         return;
     }
     for m in &cm.spec.mounts {
@@ -285,7 +286,7 @@ pub fn after_deletion(cm: &ClientMount, cfg: &Config) {
                     info!(count = stale.len(), devices = ?stale, "NVMe namespaces still present after removal");
                 }
             }
-            Err(e) => warn!(error = %e, "NVMe namespace list after deletion failed"),
+            Err(e) => warn!(error = %Causes(&e), "NVMe namespace list after deletion failed"),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! What both compute-node daemons (nnf-dm and clientmountd) share.
 
+pub mod error;
 pub mod logging;
 pub mod metrics_http;
 pub mod signals;

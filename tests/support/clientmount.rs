@@ -154,6 +154,85 @@ pub fn mount_at(path: &Path) -> Option<Mount> {
     mounts_at(path).pop()
 }
 
+/// One test's scratch tree: `spec/` (the spec directory), `bin/` (the
+/// recording stand-ins of [`lvm_stubs`]), `mapper/` (where activated LVs
+/// appear), `map/` (the stand-ins' LV map), `mnt/`, `nvme/`, and the logs.
+pub struct Scratch {
+    pub tmp: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new(prefix: &str) -> Scratch {
+        let tmp = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir()
+            .expect("tempdir");
+        for d in ["spec", "bin", "mapper", "map", "mnt", "nvme"] {
+            fs::create_dir_all(tmp.path().join(d)).expect("scratch dir");
+        }
+        let s = Scratch { tmp };
+        lvm_stubs(&s.bin(), &s.cmdlog(), &s.p("map"), &s.p("mapper"));
+        s
+    }
+    pub fn p(&self, rel: &str) -> PathBuf {
+        self.tmp.path().join(rel)
+    }
+    pub fn spec(&self) -> PathBuf {
+        self.p("spec")
+    }
+    pub fn bin(&self) -> PathBuf {
+        self.p("bin")
+    }
+    pub fn cmdlog(&self) -> PathBuf {
+        self.p("commands.log")
+    }
+    /// The commands the stand-ins recorded, in order.
+    pub fn commands(&self) -> Vec<String> {
+        read_lines(&self.cmdlog())
+    }
+    /// An xfs loop device named `name`, mapped as `vg/lv` for the LVM
+    /// stand-ins, with the mount path `mnt` under this tree watched.
+    pub fn xfs_lv(&self, name: &str, mnt: &str, vg: &str, lv: &str) -> XfsLv {
+        let dev = LoopDev::new(self.tmp.path(), name, Some(&["mkfs.xfs", "-q"]));
+        let mnt = self.p(mnt);
+        let mut guard = MountGuard::default();
+        guard.watch(&mnt);
+        map_lv(&self.p("map"), vg, lv, &dev.dev);
+        XfsLv { dev, mnt, guard }
+    }
+    /// A stand-in `cmd` that only records its arguments in [`Self::cmdlog`].
+    pub fn recording_stub(&self, cmd: &str) {
+        let log = self.cmdlog();
+        stub(
+            &self.bin(),
+            cmd,
+            &format!("echo \"{cmd} $*\" >> '{}'", log.display()),
+        );
+    }
+    /// The daemon flags that point it at this tree's devices.
+    pub fn device_args(&self) -> Vec<String> {
+        [
+            "--device-dir",
+            self.p("mapper").to_str().expect("utf-8 path"),
+            "--device-wait",
+            "5s",
+            "--nvme-dir",
+            self.p("nvme").to_str().expect("utf-8 path"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+}
+
+/// What [`Scratch::xfs_lv`] made. Bound with `let XfsLv { dev, mnt, guard }`
+/// the guard drops first: unmount, then detach.
+pub struct XfsLv {
+    pub dev: LoopDev,
+    pub mnt: PathBuf,
+    pub guard: MountGuard,
+}
+
 /// Write an executable stand-in script `name` into `bin`.
 pub fn stub(bin: &Path, name: &str, body: &str) {
     fs::create_dir_all(bin).expect("stub dir");

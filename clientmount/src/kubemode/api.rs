@@ -85,10 +85,10 @@ pub(super) struct Kube {
     written: Mutex<HashMap<String, u64>>,
 }
 
-pub(super) fn parse<T: serde::de::DeserializeOwned>(obj: &DynamicObject) -> Result<T, String> {
-    serde_json::to_value(obj)
-        .and_then(serde_json::from_value)
-        .map_err(|e| e.to_string())
+pub(super) fn parse<T: serde::de::DeserializeOwned>(
+    obj: &DynamicObject,
+) -> Result<T, serde_json::Error> {
+    serde_json::to_value(obj).and_then(serde_json::from_value)
 }
 
 impl Kube {

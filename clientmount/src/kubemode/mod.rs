@@ -25,13 +25,14 @@ use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{self, Event as FinalizerEvent};
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher::{self, watcher, Event};
-use kube::runtime::{Controller, WatchStreamExt};
+use kube::runtime::WatchStreamExt;
 use kube::Api;
 use nnf_api::{ClientMount, ClientMountState, ClientMountStatus, CLIENTMOUNT_FINALIZER};
 use tracing::{debug, info, warn, Span};
 
 use self::api::{parse, Kube};
-use crate::controller::{self, clientmount_resource, converge, verdict, Error, Shared, Stop};
+use crate::controller::{self, clientmount_resource, converge, verdict, Error, Shared};
+use crate::daemon::{self, Stop};
 use crate::mount::Config;
 use crate::plan::user_error;
 use crate::reconcile::Next;
@@ -294,15 +295,7 @@ async fn watch_namespace(shared: Arc<Shared<Kube>>, ns: String, stop: &Stop) {
         })
         .reflect(writer)
         .applied_objects();
-    Controller::for_stream_with(trigger, reader, ar)
-        .graceful_shutdown_on(stop.signalled())
-        .run(controller::reconcile, controller::error_policy, shared)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                debug!(error = %e, "controller");
-            }
-        })
-        .await;
+    controller::run(trigger, reader, stop, shared).await;
 }
 
 /// Run the Kubernetes driver until SIGTERM/SIGINT. The connection settings
@@ -312,22 +305,9 @@ pub fn run(
     cfg: Arc<Config>,
     node: String,
     metrics_addr: Option<std::net::SocketAddr>,
-) -> Result<(), String> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("tokio runtime: {e}"))?;
-    rt.block_on(async move {
-        crate::metrics::serve(metrics_addr, cfg.metrics.clone()).await?;
-        let client = conn.client().await.map_err(|e| e.to_string())?;
-        let stop = Arc::new(Stop::default());
-        {
-            let (stop, cfg) = (stop.clone(), cfg.clone());
-            crate::signals::spawn_sigwait_thread(move || {
-                stop.stop(&cfg);
-                true
-            });
-        }
+) -> Result<(), daemon::Error> {
+    daemon::run(&cfg.clone(), metrics_addr, |stop| async move {
+        let client = conn.client().await?;
         let shared = Arc::new(Shared {
             driver: Arc::new(Kube::new(client, cfg.clone())),
             policy: Default::default(),
@@ -343,7 +323,6 @@ pub fn run(
                 .map(|ns| watch_namespace(shared.clone(), ns, &stop)),
         )
         .await;
-        info!("stopped");
         Ok(())
     })
 }

@@ -16,21 +16,22 @@ mod source;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
-use futures::StreamExt;
 use kube::api::DynamicObject;
 use kube::runtime::reflector::store::Writer;
-use kube::runtime::{watcher, Controller};
+use kube::runtime::watcher;
 use nnf_api::{
     ClientMount, ClientMountState, ClientMountStatus, NnfStorageProfile, Servers,
     CLIENTMOUNT_FINALIZER, CLIENTMOUNT_KIND, SERVERS_KIND, STORAGE_PROFILE_KIND,
 };
 use serde::{Deserialize, Serialize};
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
-use crate::controller::{self, converge, pick_servers, verdict, Error, PathLocks, Shared, Stop};
+use crate::controller::{self, converge, pick_servers, verdict, Error, PathLocks, Shared};
+use crate::daemon;
 use crate::metrics::Metrics;
 use crate::mount::Config;
 use crate::plan::user_error;
@@ -68,11 +69,21 @@ fn kind_of(value: &serde_json::Value) -> &str {
     value.get("kind").and_then(|k| k.as_str()).unwrap_or("")
 }
 
-fn read_json(path: &Path) -> Option<Result<serde_json::Value, String>> {
+/// Why an object or status file could not be read.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
+
+/// A file's JSON; `None` when there is no such file.
+fn read_json(path: &Path) -> Option<Result<serde_json::Value, ReadError>> {
     match fs::read(path) {
-        Ok(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| e.to_string())),
+        Ok(bytes) => Some(serde_json::from_slice(&bytes).map_err(ReadError::from)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => Some(Err(e.to_string())),
+        Err(e) => Some(Err(e.into())),
     }
 }
 
@@ -340,33 +351,23 @@ pub fn run(
     cfg: Arc<Config>,
     node: String,
     metrics_addr: Option<std::net::SocketAddr>,
-) -> Result<(), String> {
-    let dir = fs::canonicalize(&dir).map_err(|e| format!("--spec-dir {}: {e}", dir.display()))?;
+) -> Result<(), daemon::Error> {
+    let dir = fs::canonicalize(&dir).map_err(|source| daemon::Error::SpecDir {
+        path: dir.clone(),
+        source,
+    })?;
     if !dir.is_dir() {
-        return Err(format!("--spec-dir {}: not a directory", dir.display()));
+        return Err(daemon::Error::NotADirectory(dir));
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("tokio runtime: {e}"))?;
-    rt.block_on(async move {
-        crate::metrics::serve(metrics_addr, cfg.metrics.clone()).await?;
-        let stop = Arc::new(Stop::default());
-        {
-            let (stop, cfg) = (stop.clone(), cfg.clone());
-            crate::signals::spawn_sigwait_thread(move || {
-                stop.stop(&cfg);
-                true
-            });
-        }
+    daemon::run(&cfg.clone(), metrics_addr, |stop| async move {
         let ar = controller::clientmount_resource();
-        let store = Arc::new(Mutex::new(Writer::<DynamicObject>::new(ar.clone())));
+        let store = Arc::new(Mutex::new(Writer::<DynamicObject>::new(ar)));
         let reader = store.lock().unwrap_or_else(|e| e.into_inner()).as_reader();
-        let dir_gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let dir_gone = Arc::new(AtomicBool::new(false));
         let on_gone = {
             let (stop, cfg, gone) = (stop.clone(), cfg.clone(), dir_gone.clone());
             move || {
-                gone.store(true, std::sync::atomic::Ordering::SeqCst);
+                gone.store(true, Ordering::SeqCst);
                 stop.stop(&cfg);
             }
         };
@@ -386,18 +387,9 @@ pub fn run(
             policy: Default::default(),
             metrics,
         });
-        Controller::for_stream_with(trigger, reader, ar)
-            .graceful_shutdown_on(stop.signalled())
-            .run(controller::reconcile, controller::error_policy, shared)
-            .for_each(|result| async move {
-                if let Err(e) = result {
-                    debug!(error = %e, "controller");
-                }
-            })
-            .await;
-        info!("stopped");
-        if dir_gone.load(std::sync::atomic::Ordering::SeqCst) {
-            Err(format!("spec directory {} was removed", dir.display()))
+        controller::run(trigger, reader, &stop, shared).await;
+        if dir_gone.load(Ordering::SeqCst) {
+            Err(daemon::Error::SpecDirRemoved(dir))
         } else {
             Ok(())
         }

@@ -126,8 +126,11 @@ pub(super) fn start(
     dir: &Path,
     store: Arc<Mutex<Writer<DynamicObject>>>,
     on_gone: impl FnOnce() + Send + 'static,
-) -> Result<impl Stream<Item = Trigger> + Send + 'static, String> {
-    let watch = Watch::new(dir).map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
+) -> Result<impl Stream<Item = Trigger> + Send + 'static, crate::daemon::Error> {
+    let watch = Watch::new(dir).map_err(|source| crate::daemon::Error::Watch {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let (tx, rx) = mpsc::unbounded();
     let source = Source {
         dir: dir.to_path_buf(),
