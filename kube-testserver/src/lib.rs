@@ -373,43 +373,42 @@ impl TestServer {
         pred: impl Fn(&Value) -> bool,
     ) -> Option<Value> {
         let id = self.res_id(kind);
-        let deadline = Instant::now() + timeout;
-        let mut st = self.shared.lock_store();
-        loop {
-            let hit = st.objects[id]
+        self.wait_store(timeout, |st| {
+            st.objects[id]
                 .iter()
                 .filter(|((ns, _), _)| namespace.is_none_or(|n| n == ns))
                 .map(|(_, o)| o)
-                .find(|o| pred(o));
-            if let Some(o) = hit {
-                return Some(o.clone());
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            st = self
-                .shared
-                .changed
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+                .find(|o| pred(o))
+                .cloned()
+        })
     }
 
     /// Blocks until no object of `kind` named `name` exists in `namespace`.
     pub fn wait_gone(&self, kind: &str, namespace: &str, name: &str, timeout: Duration) -> bool {
         let id = self.res_id(kind);
-        let deadline = Instant::now() + timeout;
         let key = (namespace.to_string(), name.to_string());
+        self.wait_store(timeout, |st| {
+            (!st.objects[id].contains_key(&key)).then_some(())
+        })
+        .is_some()
+    }
+
+    /// Checks the store after every change until `check` finds something,
+    /// or the timeout passes.
+    fn wait_store<T>(
+        &self,
+        timeout: Duration,
+        mut check: impl FnMut(&Store) -> Option<T>,
+    ) -> Option<T> {
+        let deadline = Instant::now() + timeout;
         let mut st = self.shared.lock_store();
         loop {
-            if !st.objects[id].contains_key(&key) {
-                return true;
+            if let Some(found) = check(&st) {
+                return Some(found);
             }
             let now = Instant::now();
             if now >= deadline {
-                return false;
+                return None;
             }
             st = self
                 .shared
