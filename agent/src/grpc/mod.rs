@@ -122,12 +122,16 @@ pub fn start(agent: Arc<Agent>, socket: &Path, backend: &str) -> Result<GrpcServ
                 let serve = tonic::transport::Server::builder()
                     .serve_with_incoming(service, Incoming::new(listener));
                 tokio::select! {
-                    result = serve => result.map_err(|e| e.to_string()),
+                    result = serve => result,
                     _ = shutdown_rx => Ok(()),
                 }
             });
             if let Err(e) = served {
-                tracing::error!(socket = %shown, "the gRPC server stopped: {e}");
+                tracing::error!(
+                    socket = %shown,
+                    error = %daemon_common::error::Causes(&e),
+                    "the gRPC server stopped"
+                );
             }
             // Handlers still waiting (Status with maxWaitTime < 0) end here.
             runtime.shutdown_timeout(SHUTDOWN_GRACE);
