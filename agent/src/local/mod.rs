@@ -260,6 +260,12 @@ impl LocalBackend {
             self.finish(op, Outcome::Success, String::new());
             return;
         }
+        // Recorded as started before any process exists: a crash from here
+        // on (before the record with the process group is written, too)
+        // makes recovery count a restart, since the copy may have written
+        // into the destination. A crash before this point re-runs a copy
+        // that never began, and counts none.
+        self.persist_logged(op, None);
         let spawned = self.spawn(op, &plan, journal_fd);
         // The worker holds its own copy now.
         drop(journal);
