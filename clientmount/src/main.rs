@@ -369,25 +369,16 @@ fn main() -> ExitCode {
             "--mock: ClientMounts are reported ready; nothing is mounted and no command runs"
         );
     }
+    tracing::info!(
+        node = %node,
+        version = env!("CARGO_PKG_VERSION"),
+        command_timeout = %describe_timeout(cfg.command_timeout),
+        mode = if cli.spec_dir.is_some() { "spec-dir" } else { "Kubernetes" },
+        "clientmountd starting"
+    );
     let result = match cli.spec_dir {
-        Some(spec_dir) => {
-            tracing::info!(
-                node = %node,
-                version = env!("CARGO_PKG_VERSION"),
-                command_timeout = %describe_timeout(cfg.command_timeout),
-                "clientmountd starting in spec-dir mode"
-            );
-            specdir::run(spec_dir, cfg, node, metrics_addr)
-        }
-        None => {
-            tracing::info!(
-                node = %node,
-                version = env!("CARGO_PKG_VERSION"),
-                command_timeout = %describe_timeout(cfg.command_timeout),
-                "clientmountd starting in Kubernetes mode"
-            );
-            kubemode::run(conn, cfg, node, metrics_addr)
-        }
+        Some(spec_dir) => specdir::run(spec_dir, cfg, node, metrics_addr),
+        None => kubemode::run(conn, cfg, node, metrics_addr),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -175,13 +175,7 @@ impl Agent {
                 format!("the reservation of '{}' was lost", op.name),
             ));
         }
-        let node = self.add_op_dir(&op).map_err(|e| {
-            Rejection::new(
-                Errno::EIO,
-                format!("cannot create the directory of '{}': {e:?}", op.name),
-            )
-        })?;
-        self.dirs.insert(&op.name, node);
+        self.show_op_dir(&op)?;
         registry.reserved.remove(&op.name);
         registry.ops.insert(op.name.clone(), op.clone());
         Ok(())

@@ -80,7 +80,20 @@ impl Agent {
         }));
     }
 
-    pub(super) fn add_op_dir(&self, op: &Arc<Operation>) -> Result<NodeId, Errno> {
+    /// The operation's directory in the tree, and the door's map from its
+    /// name to the node.
+    pub(super) fn show_op_dir(&self, op: &Arc<Operation>) -> Result<(), Rejection> {
+        let node = self.add_op_dir(op).map_err(|e| {
+            Rejection::new(
+                Errno::EIO,
+                format!("cannot create the directory of '{}': {e:?}", op.name),
+            )
+        })?;
+        self.dirs.insert(&op.name, node);
+        Ok(())
+    }
+
+    fn add_op_dir(&self, op: &Arc<Operation>) -> Result<NodeId, Errno> {
         let owner = |perm| Owner {
             uid: op.uid,
             gid: op.gid,

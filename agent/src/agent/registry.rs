@@ -103,13 +103,7 @@ impl Agent {
             ));
         }
         self.check_limit(&registry, op.uid)?;
-        let node = self.add_op_dir(&op).map_err(|e| {
-            Rejection::new(
-                Errno::EIO,
-                format!("cannot create the directory of '{}': {e:?}", op.name),
-            )
-        })?;
-        self.dirs.insert(&op.name, node);
+        self.show_op_dir(&op)?;
         registry.ops.insert(op.name.clone(), op.clone());
         *registry.per_user.entry(op.uid).or_default() += 1;
         Ok(())
