@@ -335,6 +335,19 @@ pub fn serve_http(
     Ok(Some(bound))
 }
 
+/// Registers families as a table: `name, help[, unit] => metric;` each.
+macro_rules! register {
+    ($r:ident; $($name:literal, $help:literal $(, $unit:expr)? => $metric:expr;)*) => {
+        $(register!(@one $r, $name, $help $(, $unit)?, $metric);)*
+    };
+    (@one $r:ident, $name:literal, $help:literal, $metric:expr) => {
+        $r.register($name, $help, $metric)
+    };
+    (@one $r:ident, $name:literal, $help:literal, $unit:expr, $metric:expr) => {
+        $r.register_with_unit($name, $help, $unit, $metric)
+    };
+}
+
 /// The text of one scrape; `per_user` adds the families labelled `user`.
 fn render(agent: &Agent, per_user: bool) -> String {
     let m = &*METRICS;
@@ -374,82 +387,45 @@ fn render(agent: &Agent, per_user: bool) -> String {
             status: status.word(),
         });
     }
-    r.register(
-        "operations_completed",
-        "Operations that completed since the agent started, by status",
-        m.completed.clone(),
-    );
-    r.register(
-        "creates",
-        "Requests that created an operation (control filesystem and gRPC)",
-        m.creates.clone(),
-    );
-    r.register(
-        "rejections",
-        "Requests refused, by the errno the writer got",
-        m.rejections.clone(),
-    );
-    r.register_with_unit(
+    register!(r;
+        "operations_completed", "Operations that completed since the agent started, by status"
+            => m.completed.clone();
+        "creates", "Requests that created an operation (control filesystem and gRPC)"
+            => m.creates.clone();
+        "rejections", "Requests refused, by the errno the writer got"
+            => m.rejections.clone();
         "create_duration",
-        "Time from a request's arrival to its operation's creation",
-        Unit::Seconds,
-        m.create_seconds.clone(),
-    );
-    r.register_with_unit(
-        "copied",
-        "Bytes copied by completed operations, as their backend reports them",
-        Unit::Bytes,
-        m.copied_bytes.clone(),
-    );
-    r.register(
-        "copied_files",
-        "Files copied by completed operations, as their backend reports them",
-        m.copied_files.clone(),
+        "Time from a request's arrival to its operation's creation", Unit::Seconds
+            => m.create_seconds.clone();
+        "copied", "Bytes copied by completed operations, as their backend reports them", Unit::Bytes
+            => m.copied_bytes.clone();
+        "copied_files", "Files copied by completed operations, as their backend reports them"
+            => m.copied_files.clone();
     );
     if backend == "kubernetes" {
-        r.register(
-            "kubernetes_requests",
-            "Kubernetes API requests sent, by verb, resource and HTTP code",
-            m.api_requests.clone(),
-        );
-        r.register(
+        register!(r;
+            "kubernetes_requests", "Kubernetes API requests sent, by verb, resource and HTTP code"
+                => m.api_requests.clone();
             "kubernetes_rate_limited_requests",
-            "Kubernetes API requests that waited on the client-side rate limit",
-            m.rate_limited.clone(),
-        );
-        r.register_with_unit(
+            "Kubernetes API requests that waited on the client-side rate limit"
+                => m.rate_limited.clone();
             "kubernetes_rate_limit_wait",
-            "Time Kubernetes API requests waited on the client-side rate limit",
-            Unit::Seconds,
-            m.rate_limit_wait.clone(),
+            "Time Kubernetes API requests waited on the client-side rate limit", Unit::Seconds
+                => m.rate_limit_wait.clone();
         );
     }
     if per_user {
-        r.register(
-            "user_operations",
-            "Operations the agent holds, by user (uid) and state",
-            user_states,
-        );
-        r.register(
-            "user_creates",
-            "Requests that created an operation, by user (uid)",
-            m.user_creates.clone(),
-        );
-        r.register(
-            "user_rejections",
-            "Requests refused, by user (uid) and errno",
-            m.user_rejections.clone(),
-        );
-        r.register_with_unit(
-            "user_copied",
-            "Bytes copied by completed operations, by user (uid)",
-            Unit::Bytes,
-            m.user_copied_bytes.clone(),
-        );
-        r.register(
-            "user_copied_files",
-            "Files copied by completed operations, by user (uid)",
-            m.user_copied_files.clone(),
+        register!(r;
+            "user_operations", "Operations the agent holds, by user (uid) and state"
+                => user_states;
+            "user_creates", "Requests that created an operation, by user (uid)"
+                => m.user_creates.clone();
+            "user_rejections", "Requests refused, by user (uid) and errno"
+                => m.user_rejections.clone();
+            "user_copied", "Bytes copied by completed operations, by user (uid)", Unit::Bytes
+                => m.user_copied_bytes.clone();
+            "user_copied_files", "Files copied by completed operations, by user (uid)"
+                => m.user_copied_files.clone();
         );
     }
     let mut text = String::with_capacity(4096);
