@@ -246,7 +246,8 @@ fn run_kube(mut core: Core, args: &RunArgs, signals: &Blocked) -> Result<(), Err
         sys_config: k.sys_config.clone().unwrap_or_else(|| "default".into()),
         timeout: k.kubernetes_timeout.unwrap_or(Duration::from_secs(10)),
     };
-    let backend = kube::KubeBackend::connect(settings, core.notify())?;
+    let backend = kube::KubeBackend::connect(settings, core.notify())
+        .map_err(|e| Error::with("cannot start the Kubernetes backend", e))?;
     let agent = &core.with(backend.clone());
     prepare_mountpoint(&args.mountpoint)?;
     backend.start();

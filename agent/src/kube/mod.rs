@@ -52,6 +52,19 @@ pub struct KubeSettings {
     pub timeout: Duration,
 }
 
+/// Why the Kubernetes backend could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Connection(#[from] kube_connect::ConnectError),
+    #[error("--node-name not given and the host name is empty")]
+    NoNodeName,
+    #[error("cannot start the Kubernetes runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Rabbit(#[from] sysconfig::LookupError),
+}
+
 pub struct KubeBackend {
     rt: tokio::runtime::Runtime,
     ctx: Arc<Ctx>,
@@ -68,24 +81,25 @@ pub struct KubeBackend {
 impl KubeBackend {
     /// The startup checks, the client and the Rabbit's name. Any failure is
     /// a message for the operator and exit 1.
-    pub fn connect(settings: KubeSettings, notify: Notify) -> Result<Arc<KubeBackend>, String> {
-        settings.connection.check().map_err(|e| e.to_string())?;
+    pub fn connect(
+        settings: KubeSettings,
+        notify: Notify,
+    ) -> Result<Arc<KubeBackend>, ConnectError> {
+        settings.connection.check()?;
         if settings.node.is_empty() {
-            return Err("--node-name not given and the host name is empty".into());
+            return Err(ConnectError::NoNodeName);
         }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("kube")
             .enable_all()
             .build()
-            .map_err(|e| format!("cannot start the Kubernetes runtime: {e}"))?;
-        let client = rt
-            .block_on(
-                settings
-                    .connection
-                    .client_observed(crate::metrics::kube_observer()),
-            )
-            .map_err(|e| e.to_string())?;
+            .map_err(ConnectError::Runtime)?;
+        let client = rt.block_on(
+            settings
+                .connection
+                .client_observed(crate::metrics::kube_observer()),
+        )?;
         let (rabbit, lookups) = match settings.rabbit.filter(|r| !r.is_empty()) {
             Some(r) => (r, None),
             None => {

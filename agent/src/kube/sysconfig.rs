@@ -19,9 +19,34 @@ use super::api::mirror;
 use super::KubeBackend;
 
 /// What the SystemConfiguration says, once listed: the Rabbit or why not.
-pub(super) type Lookup = Option<Result<String, String>>;
+pub(super) type Lookup = Option<Result<String, LookupError>>;
 
-/// Where a lookup's messages point the operator.
+/// Why this node's Rabbit is not known. Every message says what was looked
+/// up, and the flag that fixes or skips it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LookupError {
+    #[error("{}: SystemConfiguration not found (--sys-config)", what(.sys_config))]
+    NotFound { sys_config: String },
+    #[error("{}: no storage node lists {node} in computesAccess (--node-name)", what(.sys_config))]
+    NotListed { sys_config: String, node: String },
+    #[error(
+        "{}: the storage node serving {node} is of type '{node_type}', not 'Rabbit'",
+        what(.sys_config)
+    )]
+    NotRabbit {
+        sys_config: String,
+        node: String,
+        node_type: String,
+    },
+    #[error("{}: storage node without a name", what(.sys_config))]
+    Unnamed { sys_config: String },
+    #[error("{}: no answer from the Kubernetes API server within {timeout:?}", what(.sys_config))]
+    NoAnswer {
+        sys_config: String,
+        timeout: Duration,
+    },
+}
+
 fn what(sys_config: &str) -> String {
     format!(
         "looking up this node's Rabbit in SystemConfiguration default/{sys_config} (give --nnf-node-name to skip)"
@@ -33,12 +58,10 @@ pub(super) fn rabbit_in(
     sc: Option<&SystemConfiguration>,
     sys_config: &str,
     node: &str,
-) -> Result<String, String> {
-    let what = what(sys_config);
+) -> Result<String, LookupError> {
+    let sys_config = sys_config.to_string();
     let Some(sc) = sc else {
-        return Err(format!(
-            "{what}: SystemConfiguration not found (--sys-config)"
-        ));
+        return Err(LookupError::NotFound { sys_config });
     };
     let Some(storage) = sc
         .spec
@@ -46,18 +69,20 @@ pub(super) fn rabbit_in(
         .iter()
         .find(|s| s.computes_access.iter().any(|c| c.name == node))
     else {
-        return Err(format!(
-            "{what}: no storage node lists {node} in computesAccess (--node-name)"
-        ));
+        return Err(LookupError::NotListed {
+            sys_config,
+            node: node.to_string(),
+        });
     };
     if storage.node_type != "Rabbit" {
-        return Err(format!(
-            "{what}: the storage node serving {node} is of type '{}', not 'Rabbit'",
-            storage.node_type
-        ));
+        return Err(LookupError::NotRabbit {
+            sys_config,
+            node: node.to_string(),
+            node_type: storage.node_type.clone(),
+        });
     }
     if storage.name.is_empty() {
-        return Err(format!("{what}: storage node without a name"));
+        return Err(LookupError::Unnamed { sys_config });
     }
     Ok(storage.name.clone())
 }
@@ -70,7 +95,7 @@ pub(super) fn follow(
     sys_config: &str,
     node: &str,
     timeout: Duration,
-) -> Result<(String, watch::Receiver<Lookup>), String> {
+) -> Result<(String, watch::Receiver<Lookup>), LookupError> {
     let (tx, mut rx) = watch::channel::<Lookup>(None);
     let (name, node) = (sys_config.to_string(), node.to_string());
     let on_change = Box::new(move |store: &Store<SystemConfiguration>| {
@@ -95,10 +120,10 @@ pub(super) fn follow(
             .and_then(|seen| seen.ok().and_then(|lookup| lookup.clone()))
     });
     match first {
-        None => Err(format!(
-            "{}: no answer from the Kubernetes API server within {timeout:?}",
-            what(sys_config)
-        )),
+        None => Err(LookupError::NoAnswer {
+            sys_config: sys_config.to_string(),
+            timeout,
+        }),
         Some(Err(e)) => Err(e),
         Some(Ok(rabbit)) => {
             rx.mark_unchanged();
