@@ -14,13 +14,12 @@ use std::time::{Duration, Instant};
 use dm_proto::data_movement_status_response::{State, Status as OpStatus};
 use dm_proto::DataMovementStatusResponse;
 use grpc_client::Client;
+use integration_tests::kube::{kube_agent, kube_args, set_dm_status, utc_now, NODE, RABBIT};
 use integration_tests::*;
 use kube_testserver::{Config, EventType, TestServer, NNF_DM};
 use serde_json::{json, Value};
 
 const LONG: Duration = Duration::from_secs(30);
-const NODE: &str = "compute-1";
-const RABBIT: &str = "rabbit-1";
 const WF_NS: &str = "default";
 const DM: &str = "NnfDataMovement";
 
@@ -195,25 +194,6 @@ fn rabbit(server: &Arc<TestServer>, step: Duration) {
     });
 }
 
-fn set_status(server: &TestServer, ns: &str, name: &str, f: impl Fn(&mut Value)) -> Option<Value> {
-    for _ in 0..100 {
-        match server.modify_object(DM, ns, name, &f) {
-            None => return None,
-            Some(Ok(obj)) => return Some(obj),
-            Some(Err(_)) => std::thread::sleep(Duration::from_millis(10)),
-        }
-    }
-    None
-}
-
-fn now() -> String {
-    let out = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
-        .output()
-        .unwrap();
-    stdout(&out).trim().to_string()
-}
-
 fn run_copy(
     server: std::sync::Weak<TestServer>,
     ns: String,
@@ -239,28 +219,28 @@ fn run_copy(
         // Cancelled before it started: the Rabbit never touches it.
         return;
     }
-    let start = now();
-    set_status(&s, &ns, &name, |o| {
+    let start = utc_now();
+    set_dm_status(&s, &ns, &name, |o| {
         o["status"] = json!({"state": "Starting", "startTime": start, "restarts": 0});
     });
     drop(s);
     std::thread::sleep(step);
     let Some(s) = server.upgrade() else { return };
-    set_status(&s, &ns, &name, |o| {
+    set_dm_status(&s, &ns, &name, |o| {
         o["status"]["state"] = json!("Running");
         o["status"]["commandStatus"] = json!({
             "command": "mpirun dcp --progress 1 src dest", "progress": 50,
-            "lastMessage": "Copied 1.000 GiB (50%)", "lastMessageTime": now(),
+            "lastMessage": "Copied 1.000 GiB (50%)", "lastMessageTime": utc_now(),
             "items": 10, "directories": 2, "files": 7, "links": 1, "data": "1.000 GiB",
             "rate": "512.000 MiB/s", "elapsedTime": "2s",
         });
     });
     drop(s);
     let finish = |s: &TestServer, status: &str, message: &str| {
-        set_status(s, &ns, &name, |o| {
+        set_dm_status(s, &ns, &name, |o| {
             o["status"]["state"] = json!("Finished");
             o["status"]["status"] = json!(status);
-            o["status"]["endTime"] = json!(now());
+            o["status"]["endTime"] = json!(utc_now());
             o["status"]["message"] = json!(message);
             if status == "Success" {
                 o["status"]["commandStatus"]["progress"] = json!(100);
@@ -317,33 +297,11 @@ impl Cluster {
     }
 
     fn args(&self, extra: &[&str]) -> Vec<String> {
-        let mut args: Vec<String> = [
-            "--backend",
-            "kubernetes",
-            "--kubernetes-service-host",
-            "127.0.0.1",
-            "--kubernetes-service-port",
-            &self.server.port().to_string(),
-            "--service-token-file",
-            self.server.token_file(NNF_DM).to_str().unwrap(),
-            "--service-cert-file",
-            self.server.ca_file().to_str().unwrap(),
-            "--node-name",
-            NODE,
-            "--nnf-node-name",
-            RABBIT,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        args
+        kube_args(&self.server, extra)
     }
 
     fn agent(&self, extra: &[&str]) -> Agent {
-        let args = self.args(extra);
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        Agent::start(&refs)
+        kube_agent(&self.server, extra)
     }
 
     fn dms(&self) -> Vec<Value> {
@@ -1247,7 +1205,7 @@ fn conflict_storm_on_cancel_and_410_on_watch() {
         .as_str()
         .unwrap()
         .to_string();
-    set_status(&cluster.server, RABBIT, &res, |o| {
+    set_dm_status(&cluster.server, RABBIT, &res, |o| {
         o["spec"]["cancel"] = json!(true)
     });
     let status = wait_state(&agent, "k2", "completed", LONG);
@@ -1699,8 +1657,8 @@ fn grpc_cancel_and_delete_follow_the_resource() {
         grpc_state(r) == (State::Pending, OpStatus::UnknownStatus)
     });
     assert_eq!(r.start_time, "");
-    let start = now();
-    set_status(&cluster.server, RABBIT, &res, |o| {
+    let start = utc_now();
+    set_dm_status(&cluster.server, RABBIT, &res, |o| {
         o["status"] = json!({"state": "Running", "startTime": start, "restarts": 0,
             "commandStatus": {"command": "mpirun dcp", "progress": 30,
                               "lastMessage": "Copied 3 of 10 items (30%)", "lastMessageTime": start}});
@@ -1747,10 +1705,10 @@ fn grpc_cancel_and_delete_follow_the_resource() {
         let res = res.clone();
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(500));
-            set_status(&server, RABBIT, &res, |o| {
+            set_dm_status(&server, RABBIT, &res, |o| {
                 o["status"]["state"] = json!("Finished");
                 o["status"]["status"] = json!("Cancelled");
-                o["status"]["endTime"] = json!(now());
+                o["status"]["endTime"] = json!(utc_now());
                 o["status"]["message"] = json!("cancelled by request");
             })
             .unwrap();

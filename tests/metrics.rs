@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use integration_tests::kube::{kube_agent, NODE, RABBIT};
+use integration_tests::kube::{kube_agent, seed_wf1, set_dm_status, utc_now, Wf1Mount};
 use integration_tests::*;
 use kube_testserver::{Config, EventType, TestServer, NNF_DM};
 use serde_json::{json, Value};
@@ -455,49 +455,16 @@ const LUS_REQ: &str =
 /// reporting 3 files and 3 KiB.
 fn cluster() -> Arc<TestServer> {
     let server = Arc::new(TestServer::start(Config::default()));
-    server.put_object(json!({
-        "apiVersion": "dataworkflowservices.github.io/v1alpha7",
-        "kind": "Workflow",
-        "metadata": {"name": "wf1", "namespace": "default"},
-        "spec": {"desiredState": "PreRun", "dwDirectives": [], "forceReady": false,
-                 "groupID": 0, "userID": 0, "jobID": 1, "wlmID": "slurm"},
-        "status": {"state": "PreRun", "status": "Completed", "ready": true},
-    }));
-    let mount = |ns: &str, path: &str| {
-        json!({
-            "apiVersion": "dataworkflowservices.github.io/v1alpha7",
-            "kind": "ClientMount",
-            "metadata": {"name": "wf1-lus", "namespace": ns, "labels": {
-                "dataworkflowservices.github.io/workflow.name": "wf1",
-                "dataworkflowservices.github.io/workflow.namespace": "default",
-                "nnf.cray.hpe.com/directive_index": "0"}},
-            "spec": {"node": ns, "desiredState": "mounted", "mounts": [{
-                "mountPath": path, "type": "lustre", "targetType": "directory",
-                "options": "", "setPermissions": false,
-                "device": {"type": "reference", "deviceReference": {
-                    "objectReference": {"kind": "NnfStorage", "name": "wf1-0", "namespace": RABBIT},
-                    "data": 0}}}]},
-        })
-    };
-    server.put_object(mount(NODE, "/mnt/nnf/lus-0"));
-    server.put_object(mount(RABBIT, "/rabbit/lus-0/compute-1"));
-    server.put_object(json!({
-        "apiVersion": "lus.cray.hpe.com/v1beta1",
-        "kind": "LustreFileSystem",
-        "metadata": {"name": "global", "namespace": "lus-ns"},
-        "spec": {"name": "global", "mgsNids": "10.0.0.1@tcp", "mountRoot": "/lus/global"},
-    }));
-    server.put_object(json!({
-        "apiVersion": "nnf.cray.hpe.com/v1alpha11",
-        "kind": "NnfDataMovementProfile",
-        "metadata": {"name": "default", "namespace": "nnf-system"},
-        "data": {"default": true,
-                 "command": "ulimit -n 2048 && mpirun --allow-run-as-root --hostfile $HOSTFILE dcp --progress 1 --uid $UID --gid $GID $SRC $DEST",
-                 "createDestDir": true, "maxSlots": 0, "slots": 8,
-                 "mkdirCommand": "mpirun --allow-run-as-root -np 1 --hostfile $HOSTFILE -- $SETPRIV mkdir -p $PATH",
-                 "setprivCommand": "setpriv --euid $UID --egid $GID --clear-groups",
-                 "statCommand": "mpirun --allow-run-as-root -np 1 --hostfile $HOSTFILE -- $SETPRIV stat --cached never -c '%F' $PATH"},
-    }));
+    seed_wf1(
+        &server,
+        Wf1Mount::Lustre,
+        json!({"default": true,
+            "command": "ulimit -n 2048 && mpirun --allow-run-as-root --hostfile $HOSTFILE dcp --progress 1 --uid $UID --gid $GID $SRC $DEST",
+            "createDestDir": true, "maxSlots": 0, "slots": 8,
+            "mkdirCommand": "mpirun --allow-run-as-root -np 1 --hostfile $HOSTFILE -- $SETPRIV mkdir -p $PATH",
+            "setprivCommand": "setpriv --euid $UID --egid $GID --clear-groups",
+            "statCommand": "mpirun --allow-run-as-root -np 1 --hostfile $HOSTFILE -- $SETPRIV stat --cached never -c '%F' $PATH"}),
+    );
     let weak = Arc::downgrade(&server);
     server.on_change(DM, move |change| {
         if change.event_type != EventType::Added {
@@ -514,24 +481,9 @@ fn cluster() -> Arc<TestServer> {
                     "data": "3.000 KiB", "elapsedTime": "1s"},
             });
         };
-        // A conflict with the agent's own write: try again.
-        for _ in 0..100 {
-            match s.modify_object(DM, &change.namespace, &change.name, finish) {
-                Some(Err(_)) => std::thread::sleep(Duration::from_millis(10)),
-                _ => return,
-            }
-        }
+        set_dm_status(&s, &change.namespace, &change.name, finish);
     });
     server
-}
-
-/// RFC 3339, whole seconds, as the Rabbit writes its times.
-fn utc_now() -> String {
-    let out = Command::new("date")
-        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
-        .output()
-        .unwrap();
-    stdout(&out).trim().to_string()
 }
 
 /// The API server's log of the agent's requests: (verb, resource, code) →

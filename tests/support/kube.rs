@@ -83,28 +83,65 @@ pub fn seed_wf1(server: &TestServer, mount: Wf1Mount, profile: Value) {
     }));
 }
 
-/// An agent on the Kubernetes backend of `server`, as nnf-dm's service
-/// account on [`NODE`] for [`RABBIT`], with `extra` flags.
-pub fn kube_agent(server: &TestServer, extra: &[&str]) -> Agent {
-    let port = server.port().to_string();
-    let token = server.token_file(NNF_DM);
-    let ca = server.ca_file();
-    let mut args = vec![
+/// The flags of an agent on the Kubernetes backend of `server`, as nnf-dm's
+/// service account on [`NODE`] for [`RABBIT`], then `extra`.
+pub fn kube_args(server: &TestServer, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
         "--backend",
         "kubernetes",
         "--kubernetes-service-host",
         "127.0.0.1",
         "--kubernetes-service-port",
-        &port,
+        &server.port().to_string(),
         "--service-token-file",
-        token.to_str().expect("UTF-8 token path"),
+        server
+            .token_file(NNF_DM)
+            .to_str()
+            .expect("UTF-8 token path"),
         "--service-cert-file",
-        ca.to_str().expect("UTF-8 CA path"),
+        server.ca_file().to_str().expect("UTF-8 CA path"),
         "--node-name",
         NODE,
         "--nnf-node-name",
         RABBIT,
-    ];
-    args.extend_from_slice(extra);
-    Agent::start(&args)
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// An agent started with [`kube_args`].
+pub fn kube_agent(server: &TestServer, extra: &[&str]) -> Agent {
+    let args = kube_args(server, extra);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Agent::start(&refs)
+}
+
+/// Changes the NnfDataMovement `ns/name` as the Rabbit would, again after a
+/// conflict with the agent's own writes; `None` once it is gone.
+pub fn set_dm_status(
+    server: &TestServer,
+    ns: &str,
+    name: &str,
+    f: impl Fn(&mut Value),
+) -> Option<Value> {
+    for _ in 0..100 {
+        match server.modify_object("NnfDataMovement", ns, name, &f) {
+            None => return None,
+            Some(Ok(obj)) => return Some(obj),
+            Some(Err(_)) => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    }
+    None
+}
+
+/// RFC 3339, whole seconds, as the Rabbit writes its times.
+pub fn utc_now() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .expect("date");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
