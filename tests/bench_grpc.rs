@@ -16,14 +16,7 @@ use std::time::{Duration, Instant};
 
 use dm_proto::data_mover_client::DataMoverClient;
 use dm_proto::{DataMovementCreateRequest, DataMovementDeleteRequest, DataMovementStatusRequest};
-use integration_tests::{wait_until, Agent};
-
-fn env_or(key: &str, default: usize) -> usize {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use integration_tests::{env_or, wait_until, Agent};
 
 struct Run {
     label: String,

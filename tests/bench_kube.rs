@@ -19,31 +19,14 @@ use std::time::{Duration, Instant};
 
 use dm_proto::data_mover_client::DataMoverClient;
 use dm_proto::{DataMovementCreateRequest, DataMovementWorkflow};
-use integration_tests::kube::{kube_agent, seed_wf1, Wf1Mount};
-use integration_tests::wait_until;
+use integration_tests::kube::{kube_agent, seed_wf1, upstream_default_profile, Wf1Mount};
+use integration_tests::{env_or, wait_until};
 use kube_testserver::{Config, TestServer, NNF_DM};
-use serde_json::json;
-
-fn env_or(key: &str, default: usize) -> usize {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Workflow `wf1` in PreRun with one gfs2 mount on the compute node and the
 /// Rabbit, one LustreFileSystem, one default profile.
 fn seed(server: &TestServer) {
-    seed_wf1(
-        server,
-        Wf1Mount::Gfs2,
-        json!({"default": true,
-               "command": "ulimit -n 2048 && mpirun --allow-run-as-root --hostfile $HOSTFILE dcp --progress 1 --uid $UID --gid $GID $SRC $DEST",
-               "createDestDir": true, "maxSlots": 0, "slots": 8,
-               "mkdirCommand": "mpirun --allow-run-as-root -np 1 --hostfile $HOSTFILE -- $SETPRIV mkdir -p $PATH",
-               "setprivCommand": "setpriv --euid $UID --egid $GID --clear-groups",
-               "statCommand": "mpirun --allow-run-as-root -np 1 --hostfile $HOSTFILE -- $SETPRIV stat --cached never -c '%F' $PATH"}),
-    );
+    seed_wf1(server, Wf1Mount::Gfs2, upstream_default_profile());
 }
 
 struct Run {

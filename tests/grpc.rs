@@ -8,7 +8,7 @@ mod grpc_client;
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -19,24 +19,6 @@ use dm_proto::data_movement_status_response::{State, Status as OpStatus};
 use dm_proto::*;
 use grpc_client::{copy, Client};
 use integration_tests::*;
-
-fn socket(agent: &Agent) -> PathBuf {
-    agent.dir.path().join("nnf-dm.sock")
-}
-
-/// A root client. The agent serves gRPC just after mounting, which is what
-/// `Agent::start` waits for: wait for the socket too.
-fn client(agent: &Agent) -> Client {
-    let sock = socket(agent);
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            std::os::unix::net::UnixStream::connect(&sock).is_ok()
-        }),
-        "no gRPC socket; log:\n{}",
-        agent.log()
-    );
-    Client::connect(&sock)
-}
 
 fn profiles_file(dir: &Path, json: &str) -> String {
     let path = dir.join("profiles.json");
@@ -84,23 +66,20 @@ fn created(client: &mut Client, request: DataMovementCreateRequest) -> String {
 
 /// The helper client as a command: `user` (or root when None) runs `action`.
 fn helper_cmd(agent: &Agent, user: Option<&User>, action: &[&str]) -> Command {
-    grpc_client::helper_command(&socket(agent), user, action)
+    grpc_client::helper_command(&agent.socket(), user, action)
 }
 
 /// Runs `action` as `user` over gRPC; its `key=value` output.
 fn as_user(agent: &Agent, user: &User, action: &[&str], env: &[(&str, &str)]) -> String {
-    let out = helper_cmd(agent, Some(user), action)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "helper {action:?} as {}: {}\n{}",
-        user.name,
-        stdout(&out),
-        stderr(&out)
-    );
-    stdout(&out)
+    grpc_client::helper_as(&agent.socket(), user, action, env)
+}
+
+/// A small file every user may read, for copies by several users.
+fn readable_source(agent: &Agent) -> String {
+    let src = agent.dir.path().join("src.txt");
+    std::fs::write(&src, b"data\n").unwrap();
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o644)).unwrap();
+    src.to_str().unwrap().to_string()
 }
 
 fn uids(output: &str) -> Vec<String> {
@@ -117,7 +96,7 @@ fn uids(output: &str) -> Vec<String> {
 #[test]
 fn version_reports_the_build_and_api_1() {
     let agent = Agent::start(&[]);
-    let version = client(&agent).version().unwrap();
+    let version = Client::of(&agent).version().unwrap();
     assert_eq!(version.version, env!("CARGO_PKG_VERSION"));
     assert_eq!(version.api_versions, ["1"]);
 }
@@ -125,7 +104,7 @@ fn version_reports_the_build_and_api_1() {
 #[test]
 fn every_rpc_on_one_operation_field_by_field() {
     let agent = Agent::start(&[]);
-    let mut c = client(&agent);
+    let mut c = Client::of(&agent);
     let dest = agent.dir.path().join("dest");
     let uid = created(&mut c, dryrun("/etc/hostname", dest.to_str().unwrap()));
     assert!(
@@ -211,7 +190,7 @@ fn every_rpc_on_one_operation_field_by_field() {
 #[test]
 fn rejected_creates_say_why_and_land_in_errors() {
     let agent = Agent::start(&[]);
-    let mut c = client(&agent);
+    let mut c = Client::of(&agent);
     let missing = agent.dir.path().join("no-such-source");
     let cases: Vec<(DataMovementCreateRequest, &str, &str)> = vec![
         (
@@ -277,7 +256,7 @@ fn rejected_creates_say_why_and_land_in_errors() {
 #[test]
 fn limits_are_invalid_and_backend_failures_are_failed() {
     let mut agent = Agent::start(&["--max-ops-per-user", "2"]);
-    let mut c = client(&agent);
+    let mut c = Client::of(&agent);
     let dest = agent.dir.path().join("d");
     let dest = dest.to_str().unwrap();
     let a = created(&mut c, dryrun("/etc/hostname", dest));
@@ -320,7 +299,7 @@ fn states_and_outcomes_read_as_upstream_while_going_and_done() {
             {"name":"slow","command":"sleep 3"}]"#,
     );
     let agent = Agent::start(&["--profiles", &profiles, "--max-active", "1"]);
-    let mut c = client(&agent);
+    let mut c = Client::of(&agent);
 
     let a = created(&mut c, with_profile("stubborn"));
     let running = c.status_until(&a, |r| {
@@ -410,7 +389,7 @@ fn status_with_max_wait_time_wakes_at_completion() {
     let dir = scratch();
     let profiles = profiles_file(dir.path(), r#"[{"name":"slow","command":"sleep 2"}]"#);
     let agent = Agent::start(&["--profiles", &profiles]);
-    let mut c = client(&agent);
+    let mut c = Client::of(&agent);
     for wait in [60, -1] {
         let uid = created(&mut c, with_profile("slow"));
         let t0 = Instant::now();
@@ -444,7 +423,7 @@ fn a_client_gone_mid_wait_leaves_nothing_behind() {
     let dir = scratch();
     let profiles = profiles_file(dir.path(), r#"[{"name":"slow","command":"sleep 3"}]"#);
     let agent = Agent::start(&["--profiles", &profiles]);
-    let mut c = client(&agent);
+    let mut c = Client::of(&agent);
     c.version().unwrap();
     let baseline = open_fds(agent.pid());
     let uid = created(&mut c, with_profile("slow"));
@@ -565,7 +544,7 @@ fn closes_after(socket: &Path, bytes: &[u8]) -> bool {
 #[test]
 fn malformed_and_oversized_messages_get_grpc_errors() {
     let agent = Agent::start(&[]);
-    let mut c = client(&agent);
+    let mut c = Client::of(&agent);
     let path = "/datamovement.DataMover/Create";
 
     // Not protobuf as the message says: wrong wire type, invalid UTF-8.
@@ -617,7 +596,7 @@ fn malformed_and_oversized_messages_get_grpc_errors() {
     assert_eq!(unknown.code(), tonic::Code::Unimplemented, "{unknown:?}");
 
     // Not even HTTP/2: the connection is closed, nothing else happens.
-    let sock = socket(&agent);
+    let sock = agent.socket();
     assert!(closes_after(&sock, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
     let garbage: Vec<u8> = (0..4096u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
@@ -631,7 +610,7 @@ fn malformed_and_oversized_messages_get_grpc_errors() {
 
     // The agent is unharmed, and so is the first connection.
     assert_eq!(c.version().unwrap().api_versions, ["1"]);
-    let mut fresh = client(&agent);
+    let mut fresh = Client::of(&agent);
     let uid = created(&mut fresh, dryrun("/etc/hostname", "/tmp/x"));
     assert_eq!(op_status(&fresh.status(&uid, 30)), OpStatus::Success);
     assert!(agent.log().lines().all(|l| !l.contains("panicked")));
@@ -640,7 +619,7 @@ fn malformed_and_oversized_messages_get_grpc_errors() {
 #[test]
 fn socket_mode_and_stale_socket_cleanup() {
     let mut agent = Agent::start(&[]);
-    let sock = socket(&agent);
+    let sock = agent.socket();
     let meta = std::fs::symlink_metadata(&sock).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.mode() & 0o7777, 0o766, "as upstream");
@@ -653,7 +632,7 @@ fn socket_mode_and_stale_socket_cleanup() {
         .is_socket());
     assert!(std::os::unix::net::UnixStream::connect(&sock).is_err());
     agent.restart();
-    assert_eq!(client(&agent).version().unwrap().api_versions, ["1"]);
+    assert_eq!(Client::of(&agent).version().unwrap().api_versions, ["1"]);
     assert_eq!(std::fs::metadata(&sock).unwrap().mode() & 0o7777, 0o766);
     assert!(agent.log().contains("removed a stale gRPC socket"));
 
@@ -667,26 +646,21 @@ fn socket_mode_and_stale_socket_cleanup() {
     let meta = std::fs::symlink_metadata(&sock).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.mode() & 0o7777, 0o766);
-    assert_eq!(client(&agent).version().unwrap().api_versions, ["1"]);
+    assert_eq!(Client::of(&agent).version().unwrap().api_versions, ["1"]);
 
     // But a live server's socket is not taken over.
     let dir = scratch();
     let busy = dir.path().join("busy.sock");
     let _live = std::os::unix::net::UnixListener::bind(&busy).unwrap();
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let out = Command::new(bin("nnf-dm"))
-        .arg("--mountpoint")
-        .arg(&mnt)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
+    let out = nnf_dm_local(dir.path())
         .arg("--socket")
         .arg(&busy)
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .env_remove("KUBECONFIG")
         .output()
         .unwrap();
-    let _ = Command::new("umount").arg("-l").arg(&mnt).output();
+    let _ = Command::new("umount")
+        .arg("-l")
+        .arg(dir.path().join("mnt"))
+        .output();
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("another server is listening"),
@@ -702,12 +676,10 @@ fn socket_mode_and_stale_socket_cleanup() {
 #[test]
 fn one_set_of_operations_each_seen_by_its_owner_only() {
     let agent = Agent::start(&[]);
-    let mut root = client(&agent);
+    let mut root = Client::of(&agent);
     let (u1, u2) = (user("nnfdmt1"), user("nnfdmt2"));
-    let src = agent.dir.path().join("src.txt");
-    std::fs::write(&src, b"data\n").unwrap();
-    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let src = src.to_str().unwrap();
+    let src = readable_source(&agent);
+    let src = src.as_str();
 
     // u1 over gRPC; the workflow comes from u1's environment.
     let out = as_user(
@@ -824,7 +796,7 @@ fn create_fields_reach_the_copy_as_on_the_control_filesystem() {
         r#"[{"name":"rec","command":"echo SRC=$SRC DEST=$DEST; cat $HOSTFILE; echo mpirun dcp; echo 'Copied 3 of 4 items (75%)'","slots":3,"maxSlots":5}]"#,
     );
     let agent = Agent::start(&["--profiles", &profiles]);
-    let mut c = client(&agent);
+    let mut c = Client::of(&agent);
     // As the AXL/SCR shim sends it: slots and maxSlots 0 (disabled).
     let uid = created(
         &mut c,
@@ -898,12 +870,9 @@ fn create_fields_reach_the_copy_as_on_the_control_filesystem() {
 #[test]
 fn many_clients_of_several_users_at_once_lose_nothing() {
     let agent = Agent::start(&[]);
-    let mut root = client(&agent);
+    let mut root = Client::of(&agent);
     let (u1, u2) = (user("nnfdmt1"), user("nnfdmt2"));
-    let src = agent.dir.path().join("src.txt");
-    std::fs::write(&src, b"data\n").unwrap();
-    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let src = src.to_str().unwrap().to_string();
+    let src = readable_source(&agent);
     // Users: one client process each, all at once (upstream's Go client).
     let children: Vec<_> = (0..8)
         .flat_map(|i| [(u1, i), (u2, i)])

@@ -31,6 +31,11 @@ pub async fn connect(socket: PathBuf) -> Result<Channel, tonic::transport::Error
 }
 
 impl Client {
+    /// A client as root (this process) of `agent`'s socket, once it answers.
+    pub fn of(agent: &integration_tests::Agent) -> Client {
+        Client::connect(&agent.answering_socket())
+    }
+
     pub fn connect(socket: &Path) -> Client {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -220,6 +225,29 @@ pub fn helper_main() {
 /// `socket`. The caller's `DW_WORKFLOW_*` are not passed on; add them with
 /// `envs` if wanted. `_test` names the test that used to be re-run for
 /// this; it is ignored.
+/// Runs `action` over gRPC as `user` with `env` in the helper process; its
+/// `key=value` output.
+pub fn helper_as(
+    socket: &Path,
+    user: &integration_tests::User,
+    action: &[&str],
+    env: &[(&str, &str)],
+) -> String {
+    use integration_tests::{stderr, stdout};
+    let out = helper_command(socket, Some(user), action)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run the gRPC helper");
+    assert!(
+        out.status.success(),
+        "helper {action:?} as {}: {}\n{}",
+        user.name,
+        stdout(&out),
+        stderr(&out)
+    );
+    stdout(&out)
+}
+
 pub fn helper_command(
     socket: &Path,
     user: Option<&integration_tests::User>,

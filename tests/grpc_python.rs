@@ -5,24 +5,9 @@
 //! test time from `agent/proto` with `grpcio-tools`. Two users, each through
 //! its own client process running as that user.
 
-use std::path::PathBuf;
-use std::time::Duration;
-
 use integration_tests::python_grpc::{files_of, PythonClient};
 use integration_tests::*;
 use serde_json::Value;
-
-fn socket_of(agent: &Agent) -> PathBuf {
-    let sock = agent.dir.path().join("nnf-dm.sock");
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            std::os::unix::net::UnixStream::connect(&sock).is_ok()
-        }),
-        "no gRPC socket; log:\n{}",
-        agent.log()
-    );
-    sock
-}
 
 fn s(v: &Value, key: &str) -> String {
     v[key].as_str().unwrap_or_default().to_string()
@@ -35,7 +20,7 @@ fn every_rpc_from_a_c_core_client_as_two_users() {
     let profiles = dir.path().join("profiles.json");
     std::fs::write(&profiles, r#"[{"name":"slow","command":"sleep 60"}]"#).unwrap();
     let agent = Agent::start(&["--profiles", profiles.to_str().unwrap()]);
-    let sock = socket_of(&agent);
+    let sock = agent.answering_socket();
     let users = [user("nnfdmt1"), user("nnfdmt2")];
 
     let mut mine = Vec::new();

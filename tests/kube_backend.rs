@@ -7,14 +7,15 @@
 mod grpc_client;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dm_proto::data_movement_status_response::{State, Status as OpStatus};
 use dm_proto::DataMovementStatusResponse;
 use grpc_client::Client;
-use integration_tests::kube::{kube_agent, kube_args, set_dm_status, utc_now, NODE, RABBIT};
+use integration_tests::kube::{
+    kube_agent, kube_args, set_dm_status, upstream_default_profile, utc_now, NODE, RABBIT,
+};
 use integration_tests::*;
 use kube_testserver::{Config, EventType, TestServer, NNF_DM};
 use serde_json::{json, Value};
@@ -68,16 +69,13 @@ fn workflow(name: &str, state: &str, status: &str) -> Value {
 }
 
 fn profile(name: &str, default: bool) -> Value {
+    let mut data = upstream_default_profile();
+    data["default"] = json!(default);
     json!({
         "apiVersion": "nnf.cray.hpe.com/v1alpha11",
         "kind": "NnfDataMovementProfile",
         "metadata": {"name": name, "namespace": "nnf-system"},
-        "data": {"default": default,
-                 "command": "ulimit -n 2048 && mpirun --allow-run-as-root --hostfile $HOSTFILE dcp --progress 1 --uid $UID --gid $GID $SRC $DEST",
-                 "createDestDir": true, "maxSlots": 0, "slots": 8,
-                 "mkdirCommand": "mpirun --allow-run-as-root -np 1 --hostfile $HOSTFILE -- $SETPRIV mkdir -p $PATH",
-                 "setprivCommand": "setpriv --euid $UID --egid $GID --clear-groups",
-                 "statCommand": "mpirun --allow-run-as-root -np 1 --hostfile $HOSTFILE -- $SETPRIV stat --cached never -c '%F' $PATH"},
+        "data": data,
     })
 }
 
@@ -86,86 +84,30 @@ fn profile(name: &str, default: bool) -> Value {
 fn seed(server: &TestServer) {
     server.put_object(workflow("wf1", "PreRun", "Completed"));
     server.put_object(workflow("wf-setup", "Setup", "Completed"));
+    // (tag, directive index, path, file system, storage kind, storage name)
+    #[rustfmt::skip]
     let compute = [
-        (
-            "lus",
-            "0",
-            mount("/mnt/nnf/lus-0", "lustre", Some(("NnfStorage", "wf1-0"))),
-        ),
-        (
-            "gfs",
-            "1",
-            mount(
-                "/mnt/nnf/gfs-1",
-                "gfs2",
-                Some(("NnfNodeBlockStorage", "wf1-1")),
-            ),
-        ),
-        (
-            "xfs",
-            "2",
-            mount(
-                "/mnt/nnf/xfs-2",
-                "xfs",
-                Some(("NnfNodeBlockStorage", "wf1-2")),
-            ),
-        ),
-        (
-            "raw",
-            "3",
-            mount(
-                "/mnt/nnf/raw-3",
-                "none",
-                Some(("NnfNodeBlockStorage", "wf1-3")),
-            ),
-        ),
-        (
-            "orphan",
-            "4",
-            mount(
-                "/mnt/nnf/orphan-4",
-                "gfs2",
-                Some(("NnfNodeBlockStorage", "wf1-4")),
-            ),
-        ),
+        ("lus", "0", "/mnt/nnf/lus-0", "lustre", "NnfStorage", "wf1-0"),
+        ("gfs", "1", "/mnt/nnf/gfs-1", "gfs2", "NnfNodeBlockStorage", "wf1-1"),
+        ("xfs", "2", "/mnt/nnf/xfs-2", "xfs", "NnfNodeBlockStorage", "wf1-2"),
+        ("raw", "3", "/mnt/nnf/raw-3", "none", "NnfNodeBlockStorage", "wf1-3"),
+        ("orphan", "4", "/mnt/nnf/orphan-4", "gfs2", "NnfNodeBlockStorage", "wf1-4"),
     ];
-    for (tag, index, m) in compute {
-        server.put_object(client_mount(
-            NODE,
-            &format!("wf1-{tag}"),
-            "wf1",
-            index,
-            vec![m],
-        ));
-    }
+    #[rustfmt::skip]
     let rabbit = [
-        (
-            "lus",
-            "0",
-            mount(
-                "/rabbit/lus-0/compute-1",
-                "lustre",
-                Some(("NnfStorage", "wf1-0")),
-            ),
-        ),
-        (
-            "gfs",
-            "1",
-            mount(
-                "/rabbit/gfs-1/compute-1/",
-                "gfs2",
-                Some(("NnfNodeBlockStorage", "wf1-1")),
-            ),
-        ),
+        ("lus", "0", "/rabbit/lus-0/compute-1", "lustre", "NnfStorage", "wf1-0"),
+        ("gfs", "1", "/rabbit/gfs-1/compute-1/", "gfs2", "NnfNodeBlockStorage", "wf1-1"),
     ];
-    for (tag, index, m) in rabbit {
-        server.put_object(client_mount(
-            RABBIT,
-            &format!("wf1-{tag}"),
-            "wf1",
-            index,
-            vec![m],
-        ));
+    for (ns, mounts) in [(NODE, &compute[..]), (RABBIT, &rabbit[..])] {
+        for (tag, index, path, fs, kind, storage) in mounts {
+            server.put_object(client_mount(
+                ns,
+                &format!("wf1-{tag}"),
+                "wf1",
+                index,
+                vec![mount(path, fs, Some((kind, storage)))],
+            ));
+        }
     }
     server.put_object(json!({
         "apiVersion": "lus.cray.hpe.com/v1beta1",
@@ -1323,37 +1265,9 @@ fn only_the_nnf_dm_clusterrole_is_needed_and_qps_is_limited() {
 
 // ---- the gRPC door over this backend (issue 6: "both backends behind it") ----
 
-fn grpc_socket(agent: &Agent) -> PathBuf {
-    agent.dir.path().join("nnf-dm.sock")
-}
-
-/// A root client in this process, once the socket answers.
-fn grpc_root(agent: &Agent) -> Client {
-    let sock = grpc_socket(agent);
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            std::os::unix::net::UnixStream::connect(&sock).is_ok()
-        }),
-        "no gRPC socket; log:\n{}",
-        agent.log()
-    );
-    Client::connect(&sock)
-}
-
 /// Runs `action` over gRPC as `user` with `env`; its `key=value` output.
 fn grpc_as(agent: &Agent, user: &User, action: &[&str], env: &[(&str, &str)]) -> String {
-    let out = grpc_client::helper_command(&grpc_socket(agent), Some(user), action)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "helper {action:?} as {}: {}\n{}",
-        user.name,
-        stdout(&out),
-        stderr(&out)
-    );
-    stdout(&out)
+    grpc_client::helper_as(&agent.socket(), user, action, env)
 }
 
 fn grpc_list(agent: &Agent, user: &User) -> Vec<String> {
@@ -1649,7 +1563,7 @@ fn grpc_cancel_and_delete_follow_the_resource() {
     // that each state is seen.
     let cluster = Cluster::bare();
     let agent = cluster.agent(&[]);
-    let mut root = grpc_root(&agent);
+    let mut root = Client::of(&agent);
     let u = user("nnfdmt1");
     let uid = grpc_created(&agent, &u, "/mnt/nnf/gfs-1/a", "/home/me/hold");
     let res = resource_name(&cluster.dm_of(&uid));
@@ -1881,7 +1795,7 @@ fn agent_requests(server: &TestServer) -> Vec<((String, String), usize)> {
 fn a_create_costs_at_most_two_api_requests() {
     let cluster = Cluster::new();
     let agent = cluster.agent(&[]);
-    let mut grpc = grpc_root(&agent);
+    let mut grpc = Client::of(&agent);
     let gfs = |name: &str| {
         format!("name={name} workflow=wf1 namespace=default source=/mnt/nnf/gfs-1/a destination=/x/{name}")
     };
@@ -2096,7 +2010,7 @@ fn trailing_slashes_of_source_and_destination_are_kept() {
 fn grpc_create_answers_failed_when_something_named_is_not_found() {
     let cluster = Cluster::bare();
     let agent = cluster.agent(&[]);
-    let mut grpc = grpc_root(&agent);
+    let mut grpc = Client::of(&agent);
     for (source, destination, profile, words) in [
         ("/mnt/nnf/nowhere/a", "/x/y", "", "holds /mnt/nnf/nowhere/a"),
         (

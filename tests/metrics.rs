@@ -11,7 +11,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use integration_tests::kube::{kube_agent, seed_wf1, set_dm_status, utc_now, Wf1Mount};
+use integration_tests::kube::{
+    kube_agent, seed_wf1, set_dm_status, upstream_default_profile, utc_now, Wf1Mount,
+};
 use integration_tests::*;
 use kube_testserver::{Config, EventType, TestServer, NNF_DM};
 use serde_json::{json, Value};
@@ -423,18 +425,10 @@ fn metrics_bind_address_is_off_by_default_and_its_errors_name_the_flag() {
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy = busy.local_addr().unwrap().to_string();
     for (value, says) in [("8080", "expected 0, :PORT or HOST:PORT"), (&busy, &busy)] {
-        let mnt = dir.path().join("mnt");
-        std::fs::create_dir_all(&mnt).unwrap();
-        let out = Command::new(bin("nnf-dm"))
-            .arg("--mountpoint")
-            .arg(&mnt)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
+        let out = nnf_dm_local(dir.path())
             .arg("--socket")
             .arg("")
             .args(["--metrics-bind-address", value])
-            .env_remove("KUBERNETES_SERVICE_HOST")
-            .env_remove("KUBERNETES_SERVICE_PORT")
             .output()
             .unwrap();
         let err = stderr(&out);
@@ -455,16 +449,7 @@ const LUS_REQ: &str =
 /// reporting 3 files and 3 KiB.
 fn cluster() -> Arc<TestServer> {
     let server = Arc::new(TestServer::start(Config::default()));
-    seed_wf1(
-        &server,
-        Wf1Mount::Lustre,
-        json!({"default": true,
-            "command": "ulimit -n 2048 && mpirun --allow-run-as-root --hostfile $HOSTFILE dcp --progress 1 --uid $UID --gid $GID $SRC $DEST",
-            "createDestDir": true, "maxSlots": 0, "slots": 8,
-            "mkdirCommand": "mpirun --allow-run-as-root -np 1 --hostfile $HOSTFILE -- $SETPRIV mkdir -p $PATH",
-            "setprivCommand": "setpriv --euid $UID --egid $GID --clear-groups",
-            "statCommand": "mpirun --allow-run-as-root -np 1 --hostfile $HOSTFILE -- $SETPRIV stat --cached never -c '%F' $PATH"}),
-    );
+    seed_wf1(&server, Wf1Mount::Lustre, upstream_default_profile());
     let weak = Arc::downgrade(&server);
     server.on_change(DM, move |change| {
         if change.event_type != EventType::Added {

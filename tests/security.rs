@@ -111,18 +111,6 @@ fn grpc_request(
     }
 }
 
-fn grpc_root(agent: &Agent) -> Client {
-    let sock = agent.dir.path().join("nnf-dm.sock");
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            std::os::unix::net::UnixStream::connect(&sock).is_ok()
-        }),
-        "no gRPC socket; log:\n{}",
-        agent.log()
-    );
-    Client::connect(&sock)
-}
-
 /// Every character class the Rabbit's bash would interpret: the value
 /// (an option unless `path`), the character the refusal must name.
 fn refused_cases() -> Vec<(&'static str, String, char)> {
@@ -293,7 +281,7 @@ fn kube_backend_refuses_shell_text_through_the_control_filesystem() {
 fn kube_backend_refuses_shell_text_through_the_grpc_door() {
     let server = cluster();
     let agent = kube_agent(&server, &[]);
-    let mut client = grpc_root(&agent);
+    let mut client = Client::of(&agent);
     let check = |client: &mut Client, request: DataMovementCreateRequest, key: &str, what: &str| {
         let case = format!("{request:?}");
         let response = client.create(request);

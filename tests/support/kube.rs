@@ -112,6 +112,16 @@ pub fn kube_args(server: &TestServer, extra: &[&str]) -> Vec<String> {
     args
 }
 
+/// The default NnfDataMovementProfile's `data` as NNF ships it.
+pub fn upstream_default_profile() -> Value {
+    json!({"default": true,
+        "command": "ulimit -n 2048 && mpirun --allow-run-as-root --hostfile $HOSTFILE dcp --progress 1 --uid $UID --gid $GID $SRC $DEST",
+        "createDestDir": true, "maxSlots": 0, "slots": 8,
+        "mkdirCommand": "mpirun --allow-run-as-root -np 1 --hostfile $HOSTFILE -- $SETPRIV mkdir -p $PATH",
+        "setprivCommand": "setpriv --euid $UID --egid $GID --clear-groups",
+        "statCommand": "mpirun --allow-run-as-root -np 1 --hostfile $HOSTFILE -- $SETPRIV stat --cached never -c '%F' $PATH"})
+}
+
 /// An agent started with [`kube_args`].
 pub fn kube_agent(server: &TestServer, extra: &[&str]) -> Agent {
     let args = kube_args(server, extra);

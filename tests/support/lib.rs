@@ -26,6 +26,31 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// Fails the test, naming `tool` and the package that brings it, when the
 /// tool is not on PATH: a missing tool is never a silent pass.
+/// `nnf-dm` on its local backend in `dir` (mount point `dir/mnt`, made
+/// here, state in `dir/state`), with no Kubernetes setting taken from this
+/// environment.
+pub fn nnf_dm_local(dir: &Path) -> Command {
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).expect("mount point");
+    let mut cmd = Command::new(bin("nnf-dm"));
+    cmd.arg("--mountpoint")
+        .arg(&mnt)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env_remove("KUBECONFIG");
+    cmd
+}
+
+/// A count from the environment (benchmark sizes), else `default`.
+pub fn env_or(key: &str, default: usize) -> usize {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 pub fn require_tool(tool: &str, package: &str) {
     let found = Command::new("sh")
         .args(["-c", "command -v \"$1\" >/dev/null", "sh", tool])
@@ -183,6 +208,20 @@ impl Agent {
 
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("nnf-dm.sock")
+    }
+
+    /// The gRPC socket once it accepts connections (the agent serves gRPC
+    /// just after mounting, which is what [`Agent::start`] waits for).
+    pub fn answering_socket(&self) -> PathBuf {
+        let sock = self.socket();
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                std::os::unix::net::UnixStream::connect(&sock).is_ok()
+            }),
+            "no gRPC socket; log:\n{}",
+            self.log()
+        );
+        sock
     }
 
     fn start_as(args: &[&str], socket_only: bool) -> Agent {
