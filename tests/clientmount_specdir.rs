@@ -36,6 +36,10 @@ impl World {
     fn put(&self, name: &str, v: &Value) {
         write_json(&self.spec().join(format!("{name}.json")), v);
     }
+    /// ClientMount `cm` in `state` with `mounts`.
+    fn put_cm(&self, state: &str, mounts: Value) {
+        self.put("cm", &clientmount(state, mounts));
+    }
 }
 
 fn profile(data: Value) -> Value {
@@ -115,12 +119,9 @@ fn xfs_mount_permissions_substitution_restart_and_unmount() {
         json!({"preMount": ["echo premount $MOUNT_PATH >> ".to_string() + w.cmdlog().to_str().unwrap()],
                "postMount": [hook]}),
         json!({"$DEVICE_LIST": "pvA pvB"}))})));
-    w.put(
-        "cm",
-        &clientmount(
-            "mounted",
-            json!([lvm_mount(&mnt, "xfs", "vg-a", "lv-0", Some((1234, 5678)))]),
-        ),
+    w.put_cm(
+        "mounted",
+        json!([lvm_mount(&mnt, "xfs", "vg-a", "lv-0", Some((1234, 5678)))]),
     );
 
     let mut d = w.start();
@@ -177,12 +178,9 @@ fn xfs_mount_permissions_substitution_restart_and_unmount() {
     }
 
     // desiredState unmounted: umount, remove the mount point, deactivate.
-    w.put(
-        "cm",
-        &clientmount(
-            "unmounted",
-            json!([lvm_mount(&mnt, "xfs", "vg-a", "lv-0", Some((1234, 5678)))]),
-        ),
+    w.put_cm(
+        "unmounted",
+        json!([lvm_mount(&mnt, "xfs", "vg-a", "lv-0", Some((1234, 5678)))]),
     );
     wait_status(&w.spec(), "cm", &d, T, all_ready("unmounted"));
     assert!(mount_at(&mnt).is_none());
@@ -208,12 +206,9 @@ fn raw_bind_onto_file_and_deletion() {
     let mut raw = block_section(json!({}), json!({}));
     raw["fileSystemCommands"]["computeCommands"]["mount"] = json!("-o bind $DEVICE $MOUNT_PATH");
     w.put("profile", &profile(json!({"rawStorage": raw})));
-    w.put(
-        "cm",
-        &clientmount(
-            "mounted",
-            json!([lvm_mount(&file, "none", "vgraw", "lv", None)]),
-        ),
+    w.put_cm(
+        "mounted",
+        json!([lvm_mount(&file, "none", "vgraw", "lv", None)]),
     );
     let d = w.start();
     wait_status(&w.spec(), "cm", &d, T, all_ready("mounted"));
@@ -281,16 +276,13 @@ fn foreign_mounts_are_errors_and_every_entry_is_tried() {
         "profile",
         &profile(json!({"xfsStorage": block_section(json!({}), json!({}))})),
     );
-    w.put(
-        "cm",
-        &clientmount(
-            "mounted",
-            json!([
-                lvm_mount(&p0, "xfs", "vg0", "lv", None),
-                lvm_mount(&p1, "xfs", "vg1", "lv", None),
-                lvm_mount(&p2, "xfs", "vg2", "lv", None),
-            ]),
-        ),
+    w.put_cm(
+        "mounted",
+        json!([
+            lvm_mount(&p0, "xfs", "vg0", "lv", None),
+            lvm_mount(&p1, "xfs", "vg1", "lv", None),
+            lvm_mount(&p2, "xfs", "vg2", "lv", None)
+        ]),
     );
     let d = w.start();
     let st = wait_status(&w.spec(), "cm", &d, T, |s| {
@@ -366,10 +358,10 @@ fn lustre_exact_command_lines_and_servers_file() {
             {"allocationSize": 1, "label": "ost", "storage": [
                 {"allocationCount": 2, "name": "rabbit-1"}, {"allocationCount": 1, "name": "rabbit-2"}]}]}
     }));
-    w.put("cm", &clientmount("mounted", json!([{
+    w.put_cm("mounted", json!([{
         "mountPath": mnt, "type": "lustre", "targetType": "directory", "options": "",
         "setPermissions": true, "userID": 1001, "groupID": 1002,
-        "device": {"type": "lustre", "lustre": {"fileSystemName": "orig", "mgsAddresses": "10.1.0.1@o2ib"}}}])));
+        "device": {"type": "lustre", "lustre": {"fileSystemName": "orig", "mgsAddresses": "10.1.0.1@o2ib"}}}]));
     let d = w.start();
     wait_status(&w.spec(), "cm", &d, T, all_ready("mounted"));
     assert_eq!(
@@ -628,10 +620,7 @@ fn hostile_clientmount_values_are_one_word_or_refused() {
                    "preUnmount": [format!("echo \"job $JOBID\" >> {}", hooks.display())]}),
             json!({}))})),
     );
-    w.put(
-        "cm",
-        &clientmount("mounted", json!([lvm_mount(&mnt, "xfs", "vg", "lv", None)])),
-    );
+    w.put_cm("mounted", json!([lvm_mount(&mnt, "xfs", "vg", "lv", None)]));
     let d = w.start();
     wait_status(&w.spec(), "cm", &d, T, all_ready("mounted"));
     // Mounted at exactly that path, the hook saw it as one word, and
@@ -680,12 +669,9 @@ fn hostile_clientmount_values_are_one_word_or_refused() {
     assert!(!nl.exists());
 
     // A clean job id again: unmounted through the same quoting.
-    w.put(
-        "cm",
-        &clientmount(
-            "unmounted",
-            json!([lvm_mount(&mnt, "xfs", "vg", "lv", None)]),
-        ),
+    w.put_cm(
+        "unmounted",
+        json!([lvm_mount(&mnt, "xfs", "vg", "lv", None)]),
     );
     wait_status(&w.spec(), "cm", &d, T, all_ready("unmounted"));
     assert!(mount_at(&mnt).is_none());
@@ -709,12 +695,9 @@ fn lvm_teardown(mount_first: bool, setup: impl FnOnce(&World, &Path)) -> Vec<Str
         "profile",
         &profile(json!({"xfsStorage": block_section(json!({}), json!({}))})),
     );
-    w.put(
-        "cm",
-        &clientmount(
-            "mounted",
-            json!([lvm_mount(&mnt, "xfs", "vg", "lv-0", None)]),
-        ),
+    w.put_cm(
+        "mounted",
+        json!([lvm_mount(&mnt, "xfs", "vg", "lv-0", None)]),
     );
     let d = w.start();
     if mount_first {
@@ -744,12 +727,9 @@ fn deletion_without_its_profile_finishes_when_nothing_is_mounted() {
     let w = World::new();
     let mnt = w.p("mnt/never");
     // No profile object at all: the pinned profile never existed here.
-    w.put(
-        "cm",
-        &clientmount(
-            "mounted",
-            json!([lvm_mount(&mnt, "xfs", "vg", "lv-0", None)]),
-        ),
+    w.put_cm(
+        "mounted",
+        json!([lvm_mount(&mnt, "xfs", "vg", "lv-0", None)]),
     );
     let d = w.start();
     let st = wait_status(&w.spec(), "cm", &d, T, |s| s.get("error").is_some());
@@ -859,10 +839,7 @@ fn nvme_rescan_on_failed_activation_quick_retry_and_on_deletion() {
         "profile",
         &profile(json!({"xfsStorage": block_section(json!({}), json!({}))})),
     );
-    w.put(
-        "cm",
-        &clientmount("mounted", json!([nvme_mount(&mnt, "vg", "lv")])),
-    );
+    w.put_cm("mounted", json!([nvme_mount(&mnt, "vg", "lv")]));
     let d = w.start();
     wait_status(&w.spec(), "cm", &d, T, all_ready("mounted"));
     assert!(mount_at(&mnt).is_some());
@@ -919,10 +896,7 @@ fn nvme_namespaces_missing_after_rescan_use_the_normal_backoff() {
         &profile(json!({"xfsStorage": block_section(json!({}), json!({}))})),
     );
     let mnt = w.p("mnt/x");
-    w.put(
-        "cm",
-        &clientmount("mounted", json!([nvme_mount(&mnt, "vg", "lv")])),
-    );
+    w.put_cm("mounted", json!([nvme_mount(&mnt, "vg", "lv")]));
     let d = w.start();
     // Three attempts: 1 s, then 2 s of backoff, each answered by a rescan.
     wait_until(&d, T, "third rescan", || {
@@ -981,10 +955,7 @@ fn command_timeout_precedence_and_mapper_wait() {
             json!({}))})),
     );
     let mnt = w.p("mnt/x");
-    w.put(
-        "cm",
-        &clientmount("mounted", json!([lvm_mount(&mnt, "xfs", "vg", "lv", None)])),
-    );
+    w.put_cm("mounted", json!([lvm_mount(&mnt, "xfs", "vg", "lv", None)]));
 
     // NNF_MAPPER_WAIT_TIMEOUT sets the device wait...
     let (mut d, st) = until_error("d1.log", &[], ("NNF_MAPPER_WAIT_TIMEOUT", "1"));
@@ -1073,12 +1044,9 @@ fn ownership_restored_and_hooks_after_restart_and_reboot() {
         &profile(json!({"xfsStorage": block_section(
             json!({"postMount": [format!("echo postmount >> {}", hooks.display())]}), json!({}))})),
     );
-    w.put(
-        "cm",
-        &clientmount(
-            "mounted",
-            json!([lvm_mount(&mnt, "xfs", "vg", "lv", Some((1234, 5678)))]),
-        ),
+    w.put_cm(
+        "mounted",
+        json!([lvm_mount(&mnt, "xfs", "vg", "lv", Some((1234, 5678)))]),
     );
     let mut d = w.start();
     wait_status(&w.spec(), "cm", &d, T, all_ready("mounted"));
@@ -1160,10 +1128,7 @@ fn mock_reports_ready_and_runs_nothing() {
         "profile",
         &profile(json!({"xfsStorage": block_section(json!({}), json!({}))})),
     );
-    w.put(
-        "cm",
-        &clientmount("mounted", json!([lvm_mount(&mnt, "xfs", "vg", "lv", None)])),
-    );
+    w.put_cm("mounted", json!([lvm_mount(&mnt, "xfs", "vg", "lv", None)]));
     // Upstream's spelling: one dash.
     let d = Daemon::start(&w.spec(), &w.bin(), &w.p("daemon.log"), &["-mock"]);
     wait_status(&w.spec(), "cm", &d, T, all_ready("mounted"));
