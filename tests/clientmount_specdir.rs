@@ -1196,3 +1196,52 @@ fn zap_logging_flags_and_unknown_flags() {
         assert!(err.contains(words), "{bad}: {err}");
     }
 }
+
+/// A spec directory that is missing or not a directory is refused at start,
+/// naming the path and the cause; one removed while the daemon runs stops
+/// it with exit status 1 and a message naming it.
+#[test]
+fn spec_dir_missing_not_a_directory_or_removed() {
+    let w = World::new();
+    let missing = w.p("no-such-dir");
+    let file = w.p("a-file");
+    fs::write(&file, "").unwrap();
+    for (dir, says) in [
+        (
+            &missing,
+            format!("--spec-dir {}: No such file", missing.display()),
+        ),
+        (
+            &file,
+            format!("--spec-dir {}: not a directory", file.display()),
+        ),
+    ] {
+        let out = Command::new(clientmountd_bin())
+            .arg("--spec-dir")
+            .arg(dir)
+            .args(["--node-name", "testnode", "--metrics-bind-address", "0"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(&says), "{says:?} not in {err}");
+    }
+
+    let mut d = w.start();
+    wait_until(&d, T, "watching", || {
+        d.log_text().contains("watching spec directory")
+    });
+    let spec = w.spec().canonicalize().unwrap();
+    fs::remove_dir_all(&spec).unwrap();
+    wait_until(&d, T, "exit after removal", || {
+        d.log_text().contains("clientmountd failed")
+    });
+    let status = d.stop().expect("the daemon was started");
+    assert_eq!(status.code(), Some(1), "{}", d.log_text());
+    assert!(
+        d.log_text()
+            .contains(&format!("spec directory {} was removed", spec.display())),
+        "{}",
+        d.log_text()
+    );
+}
