@@ -1068,7 +1068,10 @@ fn crash_leaves_a_stale_mount_that_the_next_start_cleans_and_reruns_the_copy() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     agent.request("name=crashy profile=slow source=/etc/hostname destination=/tmp/x");
     assert!(wait_until(LONG, || agent.read("crashy/state").unwrap() == "running\n"));
-    assert!(wait_until(LONG, || marker.exists()));
+    // Not `exists()`: `>>` creates the file before echo writes, and a crash
+    // in between would leave it empty.
+    assert!(wait_until(LONG, || std::fs::read_to_string(&marker)
+        .is_ok_and(|runs| runs == "run\n")));
     agent.crash();
     // statfs always asks the (dead) server; stat may be answered from cache.
     let out = python(&format!(
