@@ -46,12 +46,6 @@ fn owned_dir(parent: &Path, rel: &str, u: &User) -> PathBuf {
     dir
 }
 
-fn profiles_file(dir: &Path, json: &str) -> String {
-    let path = dir.join("profiles.json");
-    std::fs::write(&path, json).unwrap();
-    path.display().to_string()
-}
-
 fn example(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../examples")

@@ -677,12 +677,6 @@ fn agent_with_profiles(json: &str, extra: &[&str]) -> (tempfile::TempDir, Agent)
     (dir, agent)
 }
 
-fn profiles_file(dir: &Path, json: &str) -> String {
-    let path = dir.join("profiles.json");
-    std::fs::write(&path, json).unwrap();
-    path.display().to_string()
-}
-
 #[test]
 fn cancel_stops_a_running_copy_and_its_process_group() {
     let dir = scratch();
@@ -772,20 +766,27 @@ fn cancel_before_start_completes_as_cancelled() {
 
 #[test]
 fn wait_blocks_until_completion_and_is_eagain_when_nonblocking() {
-    let (_profiles, agent) = agent_with_profiles(r#"[{"name":"two","command":"sleep 3"}]"#, &[]);
+    let dir = scratch();
+    let gate = Gate::new(dir.path(), "two");
+    let (_profiles, agent) = agent_with_profiles(&format!("[{}]", gate.profile()), &[]);
     agent.request("name=w1 profile=two source=/etc/hostname destination=/tmp/x");
     let out = python(&format!(
         "import os, errno\nfd = os.open({:?}, os.O_RDONLY | os.O_NONBLOCK)\ntry:\n    os.read(fd, 4096)\n    print('read')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])\n",
         agent.path("w1/wait").to_str().unwrap()
     ));
     assert_eq!(stdout(&out).trim(), "EAGAIN");
+    // The copy completes only once `cat` sleeps in its read.
     let started = Instant::now();
-    let out = sh(&format!("cat {}", agent.path("w1/wait").display()));
+    let cat = std::process::Command::new("cat")
+        .arg(agent.path("w1/wait"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(blocked_reading(cat.id(), LONG), "wait never blocked");
+    assert_eq!(agent.read("w1/state").unwrap(), "running\n");
+    gate.open();
+    let out = cat.wait_with_output().unwrap();
     let waited = started.elapsed();
-    assert!(
-        waited >= Duration::from_millis(500),
-        "returned after {waited:?}"
-    );
     assert!(waited < Duration::from_secs(10));
     assert_eq!(field(&stdout(&out), "state").unwrap(), "completed");
     assert_eq!(field(&stdout(&out), "status").unwrap(), "success");
@@ -803,11 +804,10 @@ fn blocked_wait_ends_on(signal: &str) {
         .spawn()
         .unwrap();
     let pid = cat.id();
-    assert!(wait_until(LONG, || {
-        std::fs::read_to_string(format!("/proc/{pid}/wchan"))
-            .is_ok_and(|w| w.contains("fuse") || w.contains("request_wait"))
-    }));
-    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        blocked_reading(pid, LONG),
+        "the reader never blocked in read(2)"
+    );
     let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let state = state
         .rsplit(')')

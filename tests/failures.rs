@@ -81,14 +81,6 @@ fn proc_state(pid: u32) -> Option<char> {
     stat[stat.rfind(')')? + 2..].chars().next()
 }
 
-/// Waits until `pid` sleeps in the kernel waiting for a FUSE answer.
-fn blocked_in_fuse(pid: u32) -> bool {
-    wait_until(LONG, || {
-        std::fs::read_to_string(format!("/proc/{pid}/wchan"))
-            .is_ok_and(|w| w.contains("fuse") || w.contains("request_wait_answer"))
-    })
-}
-
 fn is_mounted(mnt: &Path) -> bool {
     let mnt = mnt.to_str().unwrap();
     std::fs::read_to_string("/proc/self/mountinfo")
@@ -130,7 +122,7 @@ fn a_hung_file_system_holds_only_its_own_requests() {
                 hung_path(&format!("kill-{signal}"))
             ),
         );
-        assert!(blocked_in_fuse(w.id()), "the writer never blocked");
+        assert!(blocked_in_fuse(w.id(), LONG), "the writer never blocked");
         let state = proc_state(w.id());
         assert_ne!(state, Some('D'), "a waiting writer must not be in state D");
         // SAFETY: signalling a child of this test.
@@ -157,7 +149,7 @@ fn a_hung_file_system_holds_only_its_own_requests() {
         ));
     }
     for w in &writers.0 {
-        assert!(blocked_in_fuse(w.id()), "a writer never blocked");
+        assert!(blocked_in_fuse(w.id(), LONG), "a writer never blocked");
     }
 
     // ...and everyone else is served meanwhile: requests, status, wait, ls,

@@ -20,12 +20,6 @@ use dm_proto::*;
 use grpc_client::{copy, Client};
 use integration_tests::*;
 
-fn profiles_file(dir: &Path, json: &str) -> String {
-    let path = dir.join("profiles.json");
-    std::fs::write(&path, json).unwrap();
-    path.to_str().unwrap().to_string()
-}
-
 fn dryrun(source: &str, destination: &str) -> DataMovementCreateRequest {
     DataMovementCreateRequest {
         dryrun: true,
@@ -387,13 +381,32 @@ fn states_and_outcomes_read_as_upstream_while_going_and_done() {
 #[test]
 fn status_with_max_wait_time_wakes_at_completion() {
     let dir = scratch();
-    let profiles = profiles_file(dir.path(), r#"[{"name":"slow","command":"sleep 2"}]"#);
+    let gates = [
+        Gate::new(dir.path(), "slow-60"),
+        Gate::new(dir.path(), "slow-1"),
+    ];
+    let profiles = profiles_file(
+        dir.path(),
+        &format!("[{},{}]", gates[0].profile(), gates[1].profile()),
+    );
     let agent = Agent::start(&["--profiles", &profiles]);
     let mut c = Client::of(&agent);
-    for wait in [60, -1] {
-        let uid = created(&mut c, with_profile("slow"));
+    for (wait, gate) in [60, -1].into_iter().zip(&gates) {
+        let uid = created(&mut c, with_profile(&gate.name));
+        // The copy completes only once the wait has begun.
+        let waits_before = agent.status_waits();
         let t0 = Instant::now();
-        let done = c.status(&uid, wait);
+        let done = std::thread::scope(|scope| {
+            let call = scope.spawn(|| c.status(&uid, wait));
+            assert!(
+                wait_until(Duration::from_secs(10), || agent.status_waits()
+                    > waits_before),
+                "the Status wait never began: {}",
+                agent.log()
+            );
+            gate.open();
+            call.join().unwrap()
+        });
         let waited = t0.elapsed();
         assert_eq!(
             (state(&done), op_status(&done)),
@@ -401,7 +414,7 @@ fn status_with_max_wait_time_wakes_at_completion() {
             "maxWaitTime {wait}: {done:?}"
         );
         assert!(
-            waited >= Duration::from_millis(1500) && waited < Duration::from_secs(10),
+            waited < Duration::from_secs(10),
             "maxWaitTime {wait} answered after {waited:?}"
         );
         // Once completed, a wait answers at once.
@@ -464,7 +477,11 @@ fn a_client_gone_mid_wait_leaves_nothing_behind() {
         wait_until(Duration::from_secs(5), || open_fds(agent_pid) > baseline),
         "the waiter never connected"
     );
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        wait_until(Duration::from_secs(5), || agent.status_waits() == 2),
+        "the waiter's Status never arrived: {}",
+        agent.log()
+    );
     waiter.kill().unwrap();
     waiter.wait().unwrap();
     // Both waits ended with their clients, before the copy did.

@@ -123,6 +123,9 @@ fn seed(server: &TestServer) {
 /// Starting → Running → Finished, as its destination says:
 /// `.../hold*` stays Running until cancelled, `.../never*` never starts,
 /// `.../fail*` fails, `.../invalid*` is Invalid; anything else succeeds.
+/// The annotation that lets the simulated Rabbit finish a `gate-*` copy.
+const RELEASE: &str = "test.nnf-dm/release";
+
 fn rabbit(server: &Arc<TestServer>, step: Duration) {
     let weak = Arc::downgrade(server);
     server.on_change(DM, move |change| {
@@ -202,6 +205,19 @@ fn run_copy(
             }
         }
     }
+    if base.starts_with("gate") {
+        // Running until the test lets it finish (`Cluster::release`).
+        loop {
+            std::thread::sleep(Duration::from_millis(20));
+            let Some(s) = server.upgrade() else { return };
+            let Some(dm) = s.get_object(DM, &ns, &name) else {
+                return;
+            };
+            if dm["metadata"]["annotations"][RELEASE] == "true" {
+                break;
+            }
+        }
+    }
     std::thread::sleep(step);
     let Some(s) = server.upgrade() else { return };
     if cancelled(&s) {
@@ -248,6 +264,17 @@ impl Cluster {
 
     fn dms(&self) -> Vec<Value> {
         self.server.objects(DM, None)
+    }
+
+    /// Lets the simulated Rabbit finish `op`'s `gate-*` copy.
+    fn release(&self, op: &str) {
+        let name = resource_name(&self.dm_of(op));
+        self.server
+            .modify_object(DM, RABBIT, &name, |o| {
+                o["metadata"]["annotations"][RELEASE] = json!("true");
+            })
+            .expect("the resource exists")
+            .expect("an annotation write does not conflict");
     }
 
     /// The resource of control-fs operation `op`.
@@ -410,7 +437,7 @@ fn gfs2_request_goes_to_the_rabbit_namespace_and_wait_blocks_until_done() {
     let agent = cluster.agent(&[]);
     // workflow/namespace from the writer's environment.
     let out = sh(&format!(
-        "DW_WORKFLOW_NAME=wf1 DW_WORKFLOW_NAMESPACE=default bash -c 'echo \"name=g1 source=/mnt/nnf/gfs-1/a/b destination=/home/me/out profile=fast max_slots=2\" > {}'",
+        "DW_WORKFLOW_NAME=wf1 DW_WORKFLOW_NAMESPACE=default bash -c 'echo \"name=g1 source=/mnt/nnf/gfs-1/a/b destination=/home/me/never-out profile=fast max_slots=2\" > {}'",
         agent.path("request").display()
     ));
     assert!(out.status.success(), "{}", stderr(&out));
@@ -427,17 +454,38 @@ fn gfs2_request_goes_to_the_rabbit_namespace_and_wait_blocks_until_done() {
     assert_eq!(dm["metadata"]["labels"]["dm.cray.hpe.com/initiator"], NODE);
     assert_eq!(dm["spec"]["source"]["path"], "/rabbit/gfs-1/compute-1/a/b");
     assert_eq!(dm["spec"]["source"]["storageReference"]["name"], "wf1-1");
-    assert_eq!(dm["spec"]["destination"], json!({"path": "/home/me/out"}));
+    assert_eq!(
+        dm["spec"]["destination"],
+        json!({"path": "/home/me/never-out"})
+    );
     assert_eq!(dm["spec"]["profileReference"]["name"], "fast");
     assert_eq!(dm["spec"]["userConfig"]["maxSlots"], 2);
     assert!(dm["spec"]["userConfig"].get("slots").is_none());
     assert_eq!(dm["spec"]["userId"], 0);
     assert_eq!(field(&status_of(&agent, "g1"), "state").unwrap(), "pending");
 
-    // A blocked `wait` returns once the watch reports completion.
-    let started = Instant::now();
-    let waited = agent.read("g1/wait").unwrap();
-    assert!(started.elapsed() > Duration::from_millis(300));
+    // A blocked `wait` returns once the watch reports completion. The
+    // simulated Rabbit leaves `never-*` alone: the test finishes the copy
+    // once the reader sleeps in the kernel, so the wait has blocked
+    // however loaded the machine is.
+    let cat = std::process::Command::new("cat")
+        .arg(agent.path("g1/wait"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(blocked_reading(cat.id(), LONG), "wait never blocked");
+    let resource = dm["metadata"]["name"].as_str().unwrap();
+    set_dm_status(&cluster.server, RABBIT, resource, |o| {
+        o["status"] = json!({
+            "state": "Finished", "status": "Success", "startTime": utc_now(),
+            "endTime": utc_now(), "restarts": 0,
+            "commandStatus": {"command": "mpirun dcp src dest", "progress": 100},
+        });
+    })
+    .expect("g1's NnfDataMovement");
+    let out = cat.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let waited = stdout(&out);
     assert_eq!(field(&waited, "state").unwrap(), "completed");
     assert_eq!(field(&waited, "status").unwrap(), "success");
 
@@ -1270,6 +1318,29 @@ fn grpc_as(agent: &Agent, user: &User, action: &[&str], env: &[(&str, &str)]) ->
     grpc_client::helper_as(&agent.socket(), user, action, env)
 }
 
+/// A gRPC `Status` of `uid` waiting up to `max_wait` seconds, with
+/// `finish` run once the agent says the wait has begun: the answer then
+/// comes from a wait that blocked, however loaded the machine is.
+fn grpc_wait_across(
+    agent: &Agent,
+    user: &User,
+    uid: &str,
+    max_wait: &str,
+    finish: impl FnOnce(),
+) -> String {
+    let waits_before = agent.status_waits();
+    std::thread::scope(|scope| {
+        let wait = scope.spawn(|| grpc_as(agent, user, &["status", uid, max_wait], &[]));
+        assert!(
+            wait_until(LONG, || agent.status_waits() > waits_before),
+            "the Status wait never began: {}",
+            agent.log()
+        );
+        finish();
+        wait.join().unwrap()
+    })
+}
+
 fn grpc_list(agent: &Agent, user: &User) -> Vec<String> {
     field(&grpc_as(agent, user, &["list"], &[]), "uids")
         .unwrap()
@@ -1309,7 +1380,7 @@ fn grpc_create_makes_the_resource_and_a_status_wait_wakes_when_the_rabbit_finish
     let cluster = Cluster::with_step(Duration::from_millis(400));
     let agent = cluster.agent(&[]);
     let (u1, u2) = (user("nnfdmt1"), user("nnfdmt2"));
-    let uid = grpc_created(&agent, &u1, "/mnt/nnf/gfs-1/a/b", "/home/me/out");
+    let uid = grpc_created(&agent, &u1, "/mnt/nnf/gfs-1/a/b", "/home/me/gate-out");
     assert!(uid.starts_with("dm-"), "generated name: {uid}");
 
     // The resource, as for a write to `request`, with the caller's identity
@@ -1340,7 +1411,7 @@ fn grpc_create_makes_the_resource_and_a_status_wait_wakes_when_the_rabbit_finish
             "cancel": false,
             "source": {"path": "/rabbit/gfs-1/compute-1/a/b",
                        "storageReference": {"kind": "NnfNodeBlockStorage", "name": "wf1-1", "namespace": RABBIT}},
-            "destination": {"path": "/home/me/out"},
+            "destination": {"path": "/home/me/gate-out"},
             "userId": u1.uid,
             "groupId": u1.gid,
             "profileReference": {"kind": "NnfDataMovementProfile", "name": "default", "namespace": "nnf-system"},
@@ -1373,13 +1444,11 @@ fn grpc_create_makes_the_resource_and_a_status_wait_wakes_when_the_rabbit_finish
     assert_ne!(field(&now, "state").unwrap(), "COMPLETED", "{now}");
     assert_eq!(field(&now, "status").unwrap(), "UNKNOWN_STATUS", "{now}");
 
-    // A wait wakes when the Rabbit finishes (3 steps of 400 ms).
-    let done = grpc_as(&agent, &u1, &["status", &uid, "30"], &[]);
+    // A wait wakes when the Rabbit finishes, which it does only once the
+    // wait has begun.
+    let done = grpc_wait_across(&agent, &u1, &uid, "30", || cluster.release(&uid));
     let waited: u64 = field(&done, "waited_ms").unwrap().parse().unwrap();
-    assert!(
-        (300..10_000).contains(&waited),
-        "answered after {waited} ms: {done}"
-    );
+    assert!(waited < 10_000, "answered after {waited} ms: {done}");
     assert_eq!(field(&done, "state").unwrap(), "COMPLETED", "{done}");
     assert_eq!(field(&done, "status").unwrap(), "SUCCESS", "{done}");
     assert_eq!(field(&done, "message").unwrap(), "");
@@ -1613,25 +1682,17 @@ fn grpc_cancel_and_delete_follow_the_resource() {
     let s = grpc_as(&agent, &u, &["delete", &uid], &[]);
     assert_eq!(field(&s, "status").unwrap(), "ACTIVE", "{s}");
 
-    // The owner's wait wakes when the Rabbit reports it cancelled.
-    let finisher = {
-        let server = cluster.server.clone();
-        let res = res.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(500));
-            set_dm_status(&server, RABBIT, &res, |o| {
-                o["status"]["state"] = json!("Finished");
-                o["status"]["status"] = json!("Cancelled");
-                o["status"]["endTime"] = json!(utc_now());
-                o["status"]["message"] = json!("cancelled by request");
-            })
-            .unwrap();
+    // The owner's wait wakes when the Rabbit reports it cancelled, which it
+    // does once the wait has begun.
+    let done = grpc_wait_across(&agent, &u, &uid, "-1", || {
+        set_dm_status(&cluster.server, RABBIT, &res, |o| {
+            o["status"]["state"] = json!("Finished");
+            o["status"]["status"] = json!("Cancelled");
+            o["status"]["endTime"] = json!(utc_now());
+            o["status"]["message"] = json!("cancelled by request");
         })
-    };
-    let done = grpc_as(&agent, &u, &["status", &uid, "-1"], &[]);
-    finisher.join().unwrap();
-    let waited: u64 = field(&done, "waited_ms").unwrap().parse().unwrap();
-    assert!(waited >= 300, "answered after {waited} ms: {done}");
+        .unwrap();
+    });
     assert_eq!(field(&done, "state").unwrap(), "COMPLETED", "{done}");
     assert_eq!(field(&done, "status").unwrap(), "CANCELLED", "{done}");
     assert_eq!(field(&done, "message").unwrap(), "cancelled by request");

@@ -160,6 +160,44 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Writes a `--profiles` file into `dir`; returns its path.
+pub fn profiles_file(dir: &Path, json: &str) -> String {
+    let path = dir.join("profiles.json");
+    std::fs::write(&path, json).unwrap();
+    path.display().to_string()
+}
+
+/// A command profile whose copy runs until [`Gate::open`]: the test decides
+/// when it completes, so what it saw blocked was blocked, however loaded
+/// the machine is.
+pub struct Gate {
+    pub name: String,
+    release: PathBuf,
+}
+
+impl Gate {
+    /// The profile `name`, its release file in `dir`.
+    pub fn new(dir: &Path, name: &str) -> Gate {
+        Gate {
+            name: name.to_string(),
+            release: dir.join(format!("{name}.release")),
+        }
+    }
+
+    /// The profile, for a `--profiles` list.
+    pub fn profile(&self) -> String {
+        format!(
+            r#"{{"name":"{}","command":"while [ ! -e {} ]; do sleep 0.05; done"}}"#,
+            self.name,
+            self.release.display()
+        )
+    }
+
+    pub fn open(&self) {
+        std::fs::write(&self.release, b"").unwrap();
+    }
+}
+
 /// Polls `cond` until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -170,6 +208,27 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     cond()
+}
+
+/// Polls until `pid` sleeps in the kernel waiting for a FUSE answer (its
+/// read or write has reached the server), for up to `timeout`.
+pub fn blocked_in_fuse(pid: u32, timeout: Duration) -> bool {
+    wait_until(timeout, || in_fuse(pid))
+}
+
+/// [`blocked_in_fuse`] in a `read(2)`, not in the `open(2)` before it.
+pub fn blocked_reading(pid: u32, timeout: Duration) -> bool {
+    wait_until(timeout, || {
+        // `/proc/PID/syscall` starts with the number of the call it sleeps in.
+        let in_read = std::fs::read_to_string(format!("/proc/{pid}/syscall"))
+            .is_ok_and(|s| s.split(' ').next() == Some(&libc::SYS_read.to_string()));
+        in_read && in_fuse(pid)
+    })
+}
+
+fn in_fuse(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/wchan"))
+        .is_ok_and(|w| w.contains("fuse") || w.contains("request_wait_answer"))
 }
 
 /// The value of `key` in a `key=value` text.
@@ -264,6 +323,8 @@ impl Agent {
             .env_remove("KUBERNETES_SERVICE_HOST")
             .env_remove("KUBERNETES_SERVICE_PORT")
             .env_remove("KUBECONFIG")
+            // The gRPC door's debug lines say when a Status wait began.
+            .env("NNF_DM_LOG", "info,nnf_dm::grpc=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -289,6 +350,12 @@ impl Agent {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// How many gRPC `Status` calls have begun to wait for a completion
+    /// (the agent's debug line, which the harness turns on).
+    pub fn status_waits(&self) -> usize {
+        self.log().matches("Status waits for completion").count()
     }
 
     pub fn pid(&self) -> u32 {

@@ -82,6 +82,7 @@ impl Waiters {
             }
         }
         let wake = self.join(&op.name);
+        tracing::debug!(op = %op.name, user = op.uid, max_wait, "Status waits for completion");
         let mut waiting = Waiting {
             waiters: self,
             op,
