@@ -777,12 +777,7 @@ fn wait_blocks_until_completion_and_is_eagain_when_nonblocking() {
     assert_eq!(stdout(&out).trim(), "EAGAIN");
     // The copy completes only once `cat` sleeps in its read.
     let started = Instant::now();
-    let cat = std::process::Command::new("cat")
-        .arg(agent.path("w1/wait"))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    assert!(blocked_reading(cat.id(), LONG), "wait never blocked");
+    let cat = agent.blocked_cat("w1/wait");
     assert_eq!(agent.read("w1/state").unwrap(), "running\n");
     gate.open();
     let out = cat.wait_with_output().unwrap();
@@ -799,15 +794,8 @@ fn wait_blocks_until_completion_and_is_eagain_when_nonblocking() {
 fn blocked_wait_ends_on(signal: &str) {
     let (_profiles, agent) = agent_with_profiles(r#"[{"name":"slow","command":"sleep 60"}]"#, &[]);
     agent.request("name=s profile=slow source=/etc/hostname destination=/tmp/x");
-    let mut cat = std::process::Command::new("cat")
-        .arg(agent.path("s/wait"))
-        .spawn()
-        .unwrap();
+    let mut cat = agent.blocked_cat("s/wait");
     let pid = cat.id();
-    assert!(
-        blocked_reading(pid, LONG),
-        "the reader never blocked in read(2)"
-    );
     let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let state = state
         .rsplit(')')

@@ -468,12 +468,7 @@ fn gfs2_request_goes_to_the_rabbit_namespace_and_wait_blocks_until_done() {
     // simulated Rabbit leaves `never-*` alone: the test finishes the copy
     // once the reader sleeps in the kernel, so the wait has blocked
     // however loaded the machine is.
-    let cat = std::process::Command::new("cat")
-        .arg(agent.path("g1/wait"))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    assert!(blocked_reading(cat.id(), LONG), "wait never blocked");
+    let cat = agent.blocked_cat("g1/wait");
     let resource = dm["metadata"]["name"].as_str().unwrap();
     set_dm_status(&cluster.server, RABBIT, resource, |o| {
         o["status"] = json!({

@@ -352,6 +352,21 @@ impl Agent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// `cat` of the control file `rel` in the background, once it sleeps in
+    /// its `read(2)` (a blocking file such as `wait`); its output is piped.
+    pub fn blocked_cat(&self, rel: &str) -> Child {
+        let cat = Command::new("cat")
+            .arg(self.path(rel))
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("cat");
+        assert!(
+            blocked_reading(cat.id(), Duration::from_secs(30)),
+            "cat {rel} never blocked in read(2)"
+        );
+        cat
+    }
+
     /// How many gRPC `Status` calls have begun to wait for a completion
     /// (the agent's debug line, which the harness turns on).
     pub fn status_waits(&self) -> usize {
