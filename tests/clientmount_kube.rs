@@ -448,7 +448,7 @@ fn lustre_servers_forbidden_is_best_effort() {
     assert_clean_requests(&w.server);
 }
 
-/// Issue 4 in Kubernetes mode: two ClientMounts on different paths are
+/// Concurrency in Kubernetes mode: two ClientMounts on different paths are
 /// mounting at the same moment (each waits in the Lustre `mount` stand-in
 /// until the other has started); two on the same path never overlap.
 #[test]

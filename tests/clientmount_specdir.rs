@@ -510,7 +510,7 @@ fn version_and_incomplete_kubernetes_settings_refused() {
     assert!(err.contains("--service-token-file not given"), "{err}");
 }
 
-/// Issue 4: ClientMounts are reconciled concurrently, but never two at once
+/// ClientMounts are reconciled concurrently, but never two at once
 /// on the same mount path. Six ClientMounts are there when the daemon
 /// starts; the Lustre `mount` stand-in records when each mount runs. Three
 /// with different paths must all be mounting at the same moment (each

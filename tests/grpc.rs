@@ -1,4 +1,4 @@
-//! The gRPC door (issue 6, shared/spec/grpc.md): upstream's
+//! The gRPC door: upstream's
 //! `datamovement.DataMover` on the agent's Unix socket, over the same
 //! operations as the control filesystem, through a client generated from the
 //! same `.proto`.

@@ -1306,7 +1306,7 @@ fn only_the_nnf_dm_clusterrole_is_needed_and_qps_is_limited() {
     }
 }
 
-// ---- the gRPC door over this backend (issue 6: "both backends behind it") ----
+// ---- the gRPC door over this backend ----
 
 /// Runs `action` over gRPC as `user` with `env`; its `key=value` output.
 fn grpc_as(agent: &Agent, user: &User, action: &[&str], env: &[(&str, &str)]) -> String {
@@ -1825,7 +1825,7 @@ fn bench_tracking_and_creating() {
     );
 }
 
-// ---- issue 16: what a create costs, and upstream fidelity on its path ----
+// ---- what a create costs, and upstream fidelity on its path ----
 
 /// Requests of the agent's account, by (verb, resource), watches left out.
 fn agent_requests(server: &TestServer) -> Vec<((String, String), usize)> {

@@ -8,8 +8,7 @@
 //! `/bin/bash -c`) pastes `dcpOptions`, `mpirunOptions` and the paths into
 //! the profile's command unquoted, as root. Quoting cannot help there (the
 //! worker also splits the command on spaces), so the agent accepts only words
-//! bash passes through unchanged (`shared/spec/kubernetes.md`, "User text and
-//! the Rabbit's shell").
+//! bash passes through unchanged (README.md, "The Kubernetes backend").
 
 use crate::request::Request;
 

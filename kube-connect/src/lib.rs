@@ -1,6 +1,7 @@
 //! How the NNF compute daemons (nnf-dm's Kubernetes backend and
-//! clientmountd) connect to Kubernetes, as `shared/spec/kubernetes.md`
-//! ("Connecting") says.
+//! clientmountd) connect to Kubernetes: the flags and environment of
+//! upstream's daemons (nnf-dm `daemons/compute/server/main.go`, nnf-sos
+//! `mount-daemon/main.go`).
 //!
 //! Each daemon fills a [`Connection`] from its own clap flags (the flag names
 //! are the same, the environment variables behind them differ), calls

@@ -1,5 +1,6 @@
-//! Between upstream's messages and the core's requests and statuses
-//! (shared/spec/grpc.md).
+//! Between upstream's messages and the core's requests and statuses, read
+//! as upstream's server answers them (nnf-dm
+//! `daemons/compute/server/servers/server_default.go`).
 
 use std::time::SystemTime;
 

@@ -5,7 +5,7 @@
 //! used exactly as the control filesystem uses the writer's: a request goes
 //! through the same parser, limits and `errors` file, and a caller sees,
 //! waits on, cancels and deletes only its own operations (root: all).
-//! How states and statuses read over gRPC: shared/spec/grpc.md.
+//! How states and statuses read over gRPC: `convert.rs`.
 
 mod convert;
 mod service;

@@ -1,6 +1,6 @@
 //! The pure parts of the Kubernetes backend: path matching, the
 //! NnfDataMovement body, and the resource-to-status mapping
-//! (`shared/spec/kubernetes.md`, "nnf-dm: from a request to an NnfDataMovement").
+//! (README.md, "The Kubernetes backend").
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

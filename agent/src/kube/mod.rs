@@ -1,6 +1,6 @@
 //! The Kubernetes backend: every request becomes an `NnfDataMovement` that a
 //! Rabbit runs, and its status flows back into the control files
-//! (`shared/spec/kubernetes.md`).
+//! (README.md, "The Kubernetes backend").
 //!
 //! Threads: the agent core and the filesystem are synchronous. This backend
 //! owns one tokio runtime (two worker threads) for every API call. A request
