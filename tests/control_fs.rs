@@ -839,7 +839,9 @@ fn blocked_wait_ends_on_sigkill() {
 
 #[test]
 fn blocked_wait_ends_for_a_handled_signal_and_sa_restart_waits_again() {
-    let (_profiles, agent) = agent_with_profiles(r#"[{"name":"slow","command":"sleep 3"}]"#, &[]);
+    let dir = scratch();
+    let gate = Gate::new(dir.path(), "slow");
+    let (_profiles, agent) = agent_with_profiles(&format!("[{}]", gate.profile()), &[]);
     agent.request("name=h profile=slow source=/etc/hostname destination=/tmp/x");
     // Python's default SIGINT handler raises KeyboardInterrupt: the read ends at once.
     let out = python(&format!(
@@ -850,6 +852,7 @@ fn blocked_wait_ends_for_a_handled_signal_and_sa_restart_waits_again() {
     assert!(text.starts_with("interrupted"), "{text} {}", stderr(&out));
     let secs: f64 = text.split_whitespace().nth(1).unwrap().parse().unwrap();
     assert!(secs < 1.5, "{secs}");
+    gate.open();
     agent.wait_completed("h", LONG);
 }
 

@@ -268,13 +268,12 @@ impl Cluster {
 
     /// Lets the simulated Rabbit finish `op`'s `gate-*` copy.
     fn release(&self, op: &str) {
-        let name = resource_name(&self.dm_of(op));
-        self.server
-            .modify_object(DM, RABBIT, &name, |o| {
-                o["metadata"]["annotations"][RELEASE] = json!("true");
-            })
-            .expect("the resource exists")
-            .expect("an annotation write does not conflict");
+        let dm = self.dm_of(op);
+        let ns = dm["metadata"]["namespace"].as_str().unwrap();
+        set_dm_status(&self.server, ns, &resource_name(&dm), |o| {
+            o["metadata"]["annotations"][RELEASE] = json!("true");
+        })
+        .expect("the resource exists");
     }
 
     /// The resource of control-fs operation `op`.
@@ -356,7 +355,8 @@ fn lustre_request_makes_the_expected_resource_and_status_flows_back() {
     let u = user("nnfdmt1");
     let out = agent.request_as(
         &u,
-        &format!("name=lus1 {LUS_REQ} dryrun=true slots=4 dcp_options=\"--chunksize 1MB\""),
+        // `gate-*`: the simulated Rabbit holds it running until released.
+        "name=lus1 workflow=wf1 namespace=default source=/mnt/nnf/lus-0/ckpt/step10 destination=/lus/global/me/gate-step10 dryrun=true slots=4 dcp_options=\"--chunksize 1MB\"",
     );
     assert!(out.status.success(), "{}", stderr(&out));
     // Created before write returned: the directory and status are there.
@@ -395,7 +395,7 @@ fn lustre_request_makes_the_expected_resource_and_status_flows_back() {
             "cancel": false,
             "source": {"path": "/rabbit/lus-0/compute-1/ckpt/step10",
                        "storageReference": {"kind": "NnfStorage", "name": "wf1-0", "namespace": RABBIT}},
-            "destination": {"path": "/lus/global/me/step10",
+            "destination": {"path": "/lus/global/me/gate-step10",
                             "storageReference": {"kind": "LustreFileSystem", "name": "global", "namespace": "lus-ns"}},
             "userId": u.uid,
             "groupId": u.gid,
@@ -406,6 +406,7 @@ fn lustre_request_makes_the_expected_resource_and_status_flows_back() {
     );
     // The Rabbit runs it; status flows back through the watch.
     let running = wait_state(&agent, "lus1", "running", LONG);
+    cluster.release("lus1");
     let status = wait_state(&agent, "lus1", "completed", LONG);
     assert_eq!(field(&status, "status").unwrap(), "success", "{status}");
     assert_eq!(field(&status, "progress").unwrap(), "100");
